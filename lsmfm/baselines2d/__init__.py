@@ -1,0 +1,1 @@
+"""2D vision-foundation-model baselines with parameter-efficient finetuning."""

@@ -1,0 +1,1 @@
+"""The `lsmfm` command line: one entry point, one module per subcommand."""

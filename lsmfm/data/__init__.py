@@ -1,0 +1,1 @@
+"""Data: synthetic volumes, readers, ingest to OME-Zarr, catalog, patch streaming."""

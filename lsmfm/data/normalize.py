@@ -1,0 +1,41 @@
+"""Intensity normalisation shared by pretraining, finetuning and prediction (recorded with each model)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class NormalizeConfig:
+    """Percentile scaling to [0, 1]: (x - p_lower) / (p_upper - p_lower), clipped when `clip`."""
+
+    lower: float = 0.5
+    upper: float = 99.5
+    clip: bool = True
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.lower < self.upper <= 100.0:
+            raise ValueError(f"normalize percentiles must satisfy 0 <= lower < upper <= 100, got "
+                             f"{self.lower}, {self.upper}")
+
+
+def percentile_normalize(x: np.ndarray | torch.Tensor, cfg: NormalizeConfig = NormalizeConfig(),
+                         bounds: tuple[float, float] | None = None) -> np.ndarray | torch.Tensor:
+    """Scale `x` to [0, 1] by its own percentiles, or by precomputed `bounds` (lo, hi) when given."""
+    if bounds is None:
+        if isinstance(x, torch.Tensor):
+            flat = x.detach().float().flatten()
+            q = torch.tensor([cfg.lower / 100, cfg.upper / 100], dtype=flat.dtype, device=flat.device)
+            lo, hi = (float(v) for v in torch.quantile(flat, q))
+        else:
+            lo, hi = (float(v) for v in np.percentile(x, [cfg.lower, cfg.upper]))
+    else:
+        lo, hi = bounds
+    scale = 1.0 / max(hi - lo, 1e-6)
+    if isinstance(x, torch.Tensor):
+        y = (x.float() - lo) * scale
+        return y.clamp_(0.0, 1.0) if cfg.clip else y
+    y = (np.asarray(x, dtype=np.float32) - np.float32(lo)) * np.float32(scale)
+    return np.clip(y, 0.0, 1.0, out=y) if cfg.clip else y

@@ -1,0 +1,21 @@
+"""Exceptions that carry what was wrong and where, so the CLI can print one clear line."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class LsmfmError(Exception):
+    """Base class for errors the user can fix (bad input, bad config); the CLI prints them without a traceback."""
+
+
+class InputError(LsmfmError, ValueError):
+    """A file or value given by the user is unusable; the message names the file and the problem."""
+
+    def __init__(self, path: str | Path | None, problem: str) -> None:
+        self.path = None if path is None else str(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}" if self.path else problem)
+
+
+class ConfigError(LsmfmError, ValueError):
+    """A configuration file or override is invalid; the message names the key."""

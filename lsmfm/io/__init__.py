@@ -1,0 +1,1 @@
+"""Reading and writing: volumes, OME-Zarr stores, atomic file writes."""

@@ -1,0 +1,233 @@
+"""Open 3D volumes from TIFF/OME-TIFF, NIfTI, a folder of 2D TIFF planes, or (OME-)Zarr, lazily.
+
+Every reader returns a `Volume`: a Dask array in ZYX order (a leading channel axis only when the
+source has several channels) and the voxel size in micrometres, so downstream code never needs to
+know the file format. Data is not read until computed.
+"""
+from __future__ import annotations
+
+import re
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from pathlib import Path
+
+import dask.array as da
+import numpy as np
+
+from lsmfm.errors import InputError
+
+TIFF_SUFFIXES = (".tif", ".tiff")
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+_UNIT_TO_UM = {
+    "m": 1e6, "meter": 1e6, "mm": 1e3, "millimeter": 1e3, "cm": 1e4, "centimeter": 1e4,
+    "um": 1.0, "µm": 1.0, "\\u00b5m": 1.0, "micron": 1.0, "micrometer": 1.0, "nm": 1e-3, "nanometer": 1e-3,
+}
+
+
+@dataclass
+class Volume:
+    """A lazily read volume: `data` is (Z, Y, X) or (C, Z, Y, X); `voxel_size` is (z, y, x) in µm."""
+
+    data: da.Array
+    voxel_size: tuple[float, float, float]
+    path: str
+
+    @property
+    def spatial_shape(self) -> tuple[int, int, int]:
+        return tuple(int(s) for s in self.data.shape[-3:])  # type: ignore[return-value]
+
+
+def volume_format(path: str | Path) -> str:
+    """Name the reader for `path`: 'tiff', 'nifti', 'planes', 'zarr'; InputError when unknown."""
+    p = Path(path)
+    name = p.name.lower()
+    if not p.exists():
+        raise InputError(p, "no such file or folder")
+    if name.endswith(".zarr") or (p.is_dir() and ((p / "zarr.json").exists() or (p / ".zarray").exists()
+                                                  or (p / ".zgroup").exists())):
+        return "zarr"
+    if p.is_dir():
+        if any(f.suffix.lower() in TIFF_SUFFIXES for f in p.iterdir()):
+            return "planes"
+        raise InputError(p, "folder holds no TIFF planes and is not a Zarr store")
+    if name.endswith(TIFF_SUFFIXES):
+        return "tiff"
+    if name.endswith(NIFTI_SUFFIXES):
+        return "nifti"
+    raise InputError(p, "unknown format; expected .tif/.tiff, .nii/.nii.gz, .zarr or a folder of TIFF planes")
+
+
+def open_volume(path: str | Path) -> Volume:
+    """Open any supported volume lazily and check its dimensionality."""
+    fmt = volume_format(path)
+    opener = {"tiff": _open_tiff, "nifti": _open_nifti, "planes": _open_planes, "zarr": _open_zarr}[fmt]
+    try:
+        vol = opener(Path(path))
+    except InputError:
+        raise
+    except Exception as exc:  # corrupt or truncated files surface as many exception types
+        raise InputError(path, f"cannot read {fmt} file: {type(exc).__name__}: {exc}") from exc
+    return _checked(vol)
+
+
+def read_volume(path: str | Path) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """Read a whole (small) volume into memory: (array, voxel size in µm)."""
+    vol = open_volume(path)
+    try:
+        return np.asarray(vol.data.compute()), vol.voxel_size
+    except Exception as exc:
+        raise InputError(path, f"cannot read data: {type(exc).__name__}: {exc}") from exc
+
+
+def _checked(vol: Volume) -> Volume:
+    data = vol.data
+    if data.ndim == 4 and data.shape[0] == 1:
+        data = data[0]
+    if data.ndim not in (3, 4):
+        raise InputError(vol.path, f"expected a 3D volume (Z, Y, X) or (C, Z, Y, X), got shape {tuple(data.shape)}")
+    if min(data.shape[-3:]) < 1:
+        raise InputError(vol.path, f"volume is empty: shape {tuple(data.shape)}")
+    if not (np.issubdtype(data.dtype, np.integer) or np.issubdtype(data.dtype, np.floating)
+            or data.dtype == bool):
+        raise InputError(vol.path, f"unsupported data type {data.dtype}")
+    if any(not np.isfinite(v) or v <= 0 for v in vol.voxel_size):
+        raise InputError(vol.path, f"invalid voxel size {vol.voxel_size}")
+    return Volume(data, tuple(float(v) for v in vol.voxel_size), vol.path)  # type: ignore[arg-type]
+
+
+def _unit_factor(unit: str | None, default: float = 1.0) -> float:
+    if not unit:
+        return default
+    return _UNIT_TO_UM.get(str(unit).strip().lower(), default)
+
+
+def _open_tiff(path: Path) -> Volume:
+    import tifffile
+    import zarr
+
+    with tifffile.TiffFile(path) as tif:
+        series = tif.series[0]
+        axes = series.axes
+        voxel = _tiff_voxel_size(tif)
+    store = tifffile.imread(path, aszarr=True)
+    arr = da.from_zarr(zarr.open(store, mode="r")) if not isinstance(store, np.ndarray) else da.from_array(store)
+    data = _to_czyx(arr, axes, path)
+    return Volume(data, voxel, str(path))
+
+
+def _to_czyx(arr: da.Array, axes: str, path: Path) -> da.Array:
+    """Reorder TIFF series axes to (C, Z, Y, X) / (Z, Y, X), dropping singleton T/S."""
+    axes = axes.upper().replace("Q", "Z").replace("I", "Z")
+    for ax in "TS":
+        if ax in axes:
+            i = axes.index(ax)
+            if arr.shape[i] != 1 and ax == "T":
+                raise InputError(path, f"time series (T={arr.shape[i]}) are not supported; export one time point")
+            if arr.shape[i] != 1 and ax == "S":
+                axes = axes.replace("S", "C") if "C" not in axes else axes
+                continue
+            arr = arr[(slice(None),) * i + (0,)]
+            axes = axes[:i] + axes[i + 1:]
+    if "Z" not in axes:
+        raise InputError(path, f"TIFF has no Z axis (axes {axes}, shape {tuple(arr.shape)}): a 2D image, not a volume")
+    order = [axes.index(a) for a in "CZYX" if a in axes]
+    if len(order) != arr.ndim:
+        raise InputError(path, f"unsupported TIFF axes {axes!r}")
+    return arr.transpose(order)
+
+
+def _tiff_voxel_size(tif) -> tuple[float, float, float]:
+    if tif.is_ome and tif.ome_metadata:
+        size = _ome_voxel_size(tif.ome_metadata)
+        if size:
+            return size
+    page = tif.pages[0]
+    ij = tif.imagej_metadata or {}
+    factor = _unit_factor(ij.get("unit"), 1.0)
+    xy = []
+    for tag in ("YResolution", "XResolution"):
+        t = page.tags.get(tag)
+        if t is None:
+            xy.append(1.0)
+            continue
+        num, den = t.value if isinstance(t.value, tuple) else (t.value, 1)
+        xy.append(den / num * factor if num else 1.0)
+    z = float(ij.get("spacing", 1.0)) * factor
+    return (z, xy[0], xy[1])
+
+
+def _ome_voxel_size(xml: str) -> tuple[float, float, float] | None:
+    try:
+        root = ET.fromstring(xml)
+    except ET.ParseError:
+        return None
+    pixels = next((el for el in root.iter() if el.tag.endswith("Pixels")), None)
+    if pixels is None:
+        return None
+    out = []
+    for ax in "ZYX":
+        val = pixels.get(f"PhysicalSize{ax}")
+        factor = _unit_factor(pixels.get(f"PhysicalSize{ax}Unit", "µm"), 1.0)
+        out.append(float(val) * factor if val else 1.0)
+    return (out[0], out[1], out[2])
+
+
+def _open_nifti(path: Path) -> Volume:
+    import nibabel as nib
+
+    img = nib.load(str(path))
+    shape = img.shape
+    if len(shape) == 4 and shape[3] == 1:
+        shape = shape[:3]
+    proxy = img.dataobj
+    arr = da.from_array(proxy, chunks=-1, asarray=True, fancy=False, meta=np.empty((0,) * len(img.shape),
+                                                                                   dtype=img.get_data_dtype()))
+    if arr.ndim == 4:
+        arr = arr[..., 0] if arr.shape[3] == 1 else arr.transpose(3, 0, 1, 2)
+    spatial_axes = arr.ndim - 3
+    arr = arr.transpose(tuple(range(spatial_axes)) + tuple(reversed(range(spatial_axes, arr.ndim))))
+    unit = img.header.get_xyzt_units()[0]
+    factor = _unit_factor(unit, 1e3)  # NIfTI's default spatial unit is the millimetre
+    zooms = [float(z) * factor for z in img.header.get_zooms()[:3]]
+    return Volume(arr, (zooms[2], zooms[1], zooms[0]), str(path))
+
+
+def _natural_key(p: Path) -> list:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p.name)]
+
+
+def _open_planes(path: Path) -> Volume:
+    import dask
+    import tifffile
+
+    files = sorted((f for f in path.iterdir() if f.suffix.lower() in TIFF_SUFFIXES), key=_natural_key)
+    with tifffile.TiffFile(files[0]) as tif:
+        first = tif.series[0]
+        shape, dtype = first.shape, first.dtype
+        yx = _tiff_voxel_size(tif)[1:]
+    if len(shape) != 2:
+        raise InputError(files[0], f"expected 2D planes, got shape {shape}")
+    planes = [da.from_delayed(dask.delayed(_read_plane)(f, shape), shape, dtype) for f in files]
+    return Volume(da.stack(planes), (1.0, yx[0], yx[1]), str(path))
+
+
+def _read_plane(path: Path, shape: tuple[int, ...]) -> np.ndarray:
+    import tifffile
+
+    plane = tifffile.imread(path)
+    if plane.shape != shape:
+        raise InputError(path, f"plane shape {plane.shape} differs from the first plane's {shape}")
+    return plane
+
+
+def _open_zarr(path: Path) -> Volume:
+    import zarr
+
+    node = zarr.open(str(path), mode="r")
+    if isinstance(node, zarr.Array):
+        return Volume(da.from_zarr(node), (1.0, 1.0, 1.0), str(path))
+    from lsmfm.io.omezarr import read_multiscales
+
+    ms = read_multiscales(node, path)
+    arr = node[ms.paths[0]]
+    return Volume(da.from_zarr(arr), ms.voxel_sizes[0], str(path))

@@ -1,0 +1,1 @@
+"""Networks: 3D backbones, heads, text encoder, masking."""

@@ -1,0 +1,1 @@
+"""Downstream tasks: few-shot segment/classify/deblur, metrics, whole-volume prediction."""

@@ -1,0 +1,1 @@
+"""Training infrastructure: DeepSpeed engine, EMA, schedules, checkpoints, logging."""

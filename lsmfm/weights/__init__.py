@@ -1,0 +1,1 @@
+"""Pretrained weights: safetensors format, registry of releases, the paper checkpoints, export."""
