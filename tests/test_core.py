@@ -1,0 +1,104 @@
+"""The spine: typed configs with overrides, atomic writes, few-shot bookkeeping, metrics conventions."""
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import pytest
+
+from lsmfm.cli.main import main
+from lsmfm.config import load_config, save_config
+from lsmfm.errors import ConfigError, InputError
+from lsmfm.io.atomic import atomic_dir, atomic_write_text
+from lsmfm.tasks.metrics import dice_score, iou_score
+from lsmfm.tasks.results import fewshot_subset, format_table, plot_metrics, write_results
+
+
+@dataclass
+class _Train:
+    max_steps: int = 10
+    lr: float = 1e-3
+
+
+@dataclass
+class _Cfg:
+    mode: Literal["a", "b"] = "a"
+    shots: list[int] = field(default_factory=lambda: [1, 2])
+    train: _Train = field(default_factory=_Train)
+    pretrained: str | None = None
+
+
+def test_config_file_and_overrides(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("mode: b\ntrain:\n  lr: 0.5\n")
+    cfg = load_config(_Cfg, f, ["train.max_steps=3", "shots=[1,4]", "train.lr=1e-4"])
+    assert cfg == _Cfg(mode="b", shots=[1, 4], train=_Train(max_steps=3, lr=1e-4))
+    save_config(cfg, tmp_path / "resolved.yaml")
+    assert load_config(_Cfg, tmp_path / "resolved.yaml") == cfg
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("train.max_stepz=3", "train.max_stepz"),
+    ("mode=c", "mode must be one of"),
+    ("train.max_steps=abc", "train.max_steps must be an integer"),
+    ("novalue", "key=value"),
+])
+def test_config_errors_name_the_key(override, fragment):
+    with pytest.raises(ConfigError, match=fragment.replace(".", r"\.")):
+        load_config(_Cfg, None, [override])
+
+
+def test_config_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(_Cfg, tmp_path / "nope.yaml")
+
+
+def test_atomic_dir_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "out"
+    with pytest.raises(RuntimeError):
+        with atomic_dir(target) as tmp:
+            atomic_write_text(tmp / "a.txt", "x")
+            raise RuntimeError("boom")
+    assert not target.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_empty_mask_convention():
+    empty = np.zeros((4, 4, 4), bool)
+    full = np.ones((4, 4, 4), bool)
+    assert dice_score(empty, empty) == 1.0 and iou_score(empty, empty) == 1.0
+    assert dice_score(full, empty) == 0.0 and iou_score(full, empty) == 0.0
+    half = full.copy()
+    half[:2] = False
+    assert dice_score(half, full) == pytest.approx(2 * 32 / (32 + 64))
+    assert iou_score(half, full) == pytest.approx(0.5)
+
+
+def test_fewshot_subsets_nested_and_bounded():
+    assert fewshot_subset(10, 2, seed=0) == fewshot_subset(10, 2, seed=0)
+    assert set(fewshot_subset(10, 2, seed=1)) <= set(fewshot_subset(10, 4, seed=1))
+    with pytest.raises(InputError, match="8 shots requested but only 3"):
+        fewshot_subset(3, 8, seed=0)
+
+
+def test_results_csv_json_and_plot(tmp_path):
+    rows = [{"shots": s, "seed": seed, "init": init, "dice": 0.1 * s + 0.01 * seed + (0.2 if init == "pretrained" else 0)}
+            for s in (1, 2) for seed in (0, 1) for init in ("pretrained", "scratch")]
+    write_results(tmp_path, rows, ["dice"])
+    with open(tmp_path / "results.csv") as fh:
+        table = list(csv.DictReader(fh))
+    assert len(table) == 8 and list(table[0]) == ["shots", "seed", "init", "dice"]
+    summary = json.loads((tmp_path / "metrics.json").read_text())["summary"]
+    pre1 = next(e for e in summary if e["init"] == "pretrained" and e["shots"] == 1)
+    assert pre1["dice"]["mean"] == pytest.approx(0.305)
+    assert "0.305" in format_table(rows, ["dice"])
+    (png,) = plot_metrics(tmp_path, rows, ["dice"])
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cli_without_command_prints_help(capsys):
+    assert main([]) == 2
+    assert "ingest" in capsys.readouterr().out
