@@ -1,17 +1,26 @@
 """OME-Zarr (NGFF) metadata: read 0.4 and 0.5 multiscales; the layout every lsmfm store follows.
 
 Layout written by `lsmfm ingest` (NGFF 0.5 on Zarr v3):
-    STORE.zarr/zarr.json        attributes["ome"] = {"version": "0.5", "multiscales": [...]}
-                                attributes["lsmfm"] = {"intensity": {...}, "sources": [...]}
-    STORE.zarr/0, 1, ...        pyramid levels, axes (c, z, y, x), level 0 at full resolution
-    STORE.zarr/labels/<name>/   NGFF label images with the same pyramid
-The multiscales metadata is written last, so a store without it is an unfinished ingest.
+    STORE.zarr/zarr.json        attributes["ome"] = {"version": "0.5", "multiscales": [...], "omero": {...}}
+                                attributes["lsmfm"] = {"intensity": [per channel: {"percentiles":
+                                    {"0.1": v, "0.5": v, "1": v, ..., "99.5": v, "99.8": v, "99.9": v},
+                                    "min", "max", "mean", "std"}], "sources": [...], "channel_names": [...]}
+    STORE.zarr/0, 1, ...        pyramid levels, axes (c, z, y, x), level 0 at full resolution; chunks
+                                (1, 64, 64, 64), blosc-zstd; each level halves the finest axes (mean)
+    STORE.zarr/labels/zarr.json attributes["ome"]["labels"] = [names]
+    STORE.zarr/labels/<name>/   NGFF label image (c = 1) with the same pyramid (max pooling)
+Scale transformations are in micrometres; pooled levels also carry the half-voxel translation.
+The multiscales metadata is written last, and the whole store is written as `STORE.zarr.partial` and
+renamed when complete, so a store without multiscales metadata is never mistaken for a finished one.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from lsmfm.errors import InputError
 
@@ -70,3 +79,89 @@ def _spatial_um(axes: list[str], units: list[str | None], scale: list[float], pa
         i = axes.index(name)
         out.append(scale[i] * _unit_factor(units[i] if i < len(units) else None, 1.0))
     return (out[0], out[1], out[2])
+
+
+def level_transforms(voxel_size: tuple[float, float, float], factors: list[tuple[int, int, int]]
+                     ) -> list[list[dict[str, Any]]]:
+    """Per-level NGFF transformations: scale (c, z, y, x) in µm and the half-voxel shift of pooled levels."""
+    out = []
+    cumulative = np.ones(3)
+    for level in range(len(factors) + 1):
+        if level:
+            cumulative = cumulative * np.asarray(factors[level - 1])
+        scale = np.asarray(voxel_size) * cumulative
+        shift = (cumulative - 1) / 2 * np.asarray(voxel_size)
+        out.append([{"type": "scale", "scale": [1.0] + [float(s) for s in scale]},
+                    {"type": "translation", "translation": [0.0] + [float(t) for t in shift]}])
+    return out
+
+
+def multiscales_metadata(name: str, voxel_size: tuple[float, float, float],
+                         factors: list[tuple[int, int, int]], method: str) -> dict[str, Any]:
+    """One NGFF 0.5 multiscales entry for levels "0", "1", ... with axes (c, z, y, x) in micrometres."""
+    axes = [{"name": "c", "type": "channel"}] + [
+        {"name": a, "type": "space", "unit": "micrometer"} for a in "zyx"]
+    datasets = [{"path": str(i), "coordinateTransformations": tr}
+                for i, tr in enumerate(level_transforms(voxel_size, factors))]
+    return {"name": name, "axes": axes, "datasets": datasets, "type": method,
+            "metadata": {"method": f"lsmfm ingest: {method} over {factors}"}}
+
+
+def create_level(group: Any, path: str, shape: tuple[int, ...], dtype: Any, chunk: int) -> Any:
+    """An empty pyramid level: chunks (1, chunk, chunk, chunk), blosc-zstd with bit shuffle."""
+    from zarr.codecs import BloscCodec
+
+    chunks = (1,) + tuple(min(chunk, int(s)) for s in shape[1:])
+    return group.create_array(path, shape=tuple(int(s) for s in shape), chunks=chunks, dtype=dtype,
+                              compressors=BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle"),
+                              dimension_names=["c", "z", "y", "x"], fill_value=0)
+
+
+def write_ome(group: Any, ome: dict[str, Any], extra: dict[str, Any] | None = None) -> None:
+    """Write the NGFF block (and lsmfm's own attributes) in one metadata update, as the last step."""
+    attrs = {"ome": {"version": NGFF_VERSION, **ome}}
+    if extra:
+        attrs.update(extra)
+    group.attrs.update(attrs)
+
+
+def is_complete_image(path: str | Path) -> bool:
+    """True when `path` is an NGFF image whose multiscales metadata exists (an ingest that finished)."""
+    p = Path(path)
+    for meta in (p / "zarr.json", p / ".zattrs"):
+        if meta.is_file():
+            try:
+                attrs = json.loads(meta.read_text())
+            except (OSError, ValueError):
+                return False
+            attrs = attrs.get("attributes", attrs) if meta.name == "zarr.json" else attrs
+            return bool(attrs.get("ome", attrs).get("multiscales"))
+    return False
+
+
+def open_image(path: str | Path) -> tuple[Any, Multiscales]:
+    """Open an NGFF image read-only: (zarr group, multiscales); InputError if missing or unfinished."""
+    import zarr
+
+    p = Path(path)
+    if not p.exists():
+        raise InputError(p, "missing OME-Zarr store (create it with `lsmfm ingest` or `catalog ingest`)")
+    try:
+        group = zarr.open_group(str(p), mode="r")
+    except Exception as exc:  # a folder that is not a Zarr group raises store-specific errors
+        raise InputError(p, f"not a Zarr group: {type(exc).__name__}: {exc}") from exc
+    return group, read_multiscales(group, p)
+
+
+def read_intensity(group: Any) -> list[dict[str, Any]]:
+    """Per-channel intensity statistics stored at ingest (`attrs["lsmfm"]["intensity"]`); [] when absent."""
+    return list(dict(group.attrs).get("lsmfm", {}).get("intensity", []))
+
+
+def stored_percentile(stats: dict[str, Any], q: float) -> float:
+    """Percentile `q` of one channel's stored statistics, interpolated linearly between stored percentiles."""
+    table = sorted((float(k), float(v)) for k, v in stats["percentiles"].items())
+    qs, vs = zip(*table)
+    if not qs[0] <= q <= qs[-1]:
+        raise ValueError(f"percentile {q} outside the stored range [{qs[0]}, {qs[-1]}]")
+    return float(np.interp(q, qs, vs))

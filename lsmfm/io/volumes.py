@@ -84,7 +84,8 @@ def _checked(vol: Volume) -> Volume:
     if data.ndim == 4 and data.shape[0] == 1:
         data = data[0]
     if data.ndim not in (3, 4):
-        raise InputError(vol.path, f"expected a 3D volume (Z, Y, X) or (C, Z, Y, X), got shape {tuple(data.shape)}")
+        raise InputError(vol.path, f"expected a 3D volume (Z, Y, X) or (C, Z, Y, X), got shape "
+                                   f"{tuple(data.shape)}")
     if min(data.shape[-3:]) < 1:
         raise InputError(vol.path, f"volume is empty: shape {tuple(data.shape)}")
     if not (np.issubdtype(data.dtype, np.integer) or np.issubdtype(data.dtype, np.floating)
@@ -110,7 +111,7 @@ def _open_tiff(path: Path) -> Volume:
         axes = series.axes
         voxel = _tiff_voxel_size(tif)
     store = tifffile.imread(path, aszarr=True)
-    arr = da.from_zarr(zarr.open(store, mode="r")) if not isinstance(store, np.ndarray) else da.from_array(store)
+    arr = da.from_array(store) if isinstance(store, np.ndarray) else da.from_zarr(zarr.open(store, mode="r"))
     data = _to_czyx(arr, axes, path)
     return Volume(data, voxel, str(path))
 
@@ -122,14 +123,16 @@ def _to_czyx(arr: da.Array, axes: str, path: Path) -> da.Array:
         if ax in axes:
             i = axes.index(ax)
             if arr.shape[i] != 1 and ax == "T":
-                raise InputError(path, f"time series (T={arr.shape[i]}) are not supported; export one time point")
+                raise InputError(path, f"time series (T={arr.shape[i]}) are not supported; export one "
+                                       "time point")
             if arr.shape[i] != 1 and ax == "S":
                 axes = axes.replace("S", "C") if "C" not in axes else axes
                 continue
             arr = arr[(slice(None),) * i + (0,)]
             axes = axes[:i] + axes[i + 1:]
     if "Z" not in axes:
-        raise InputError(path, f"TIFF has no Z axis (axes {axes}, shape {tuple(arr.shape)}): a 2D image, not a volume")
+        raise InputError(path, f"TIFF has no Z axis (axes {axes}, shape {tuple(arr.shape)}): a 2D image, "
+                               "not a volume")
     order = [axes.index(a) for a in "CZYX" if a in axes]
     if len(order) != arr.ndim:
         raise InputError(path, f"unsupported TIFF axes {axes!r}")
@@ -173,23 +176,32 @@ def _ome_voxel_size(xml: str) -> tuple[float, float, float] | None:
 
 
 def _open_nifti(path: Path) -> Volume:
+    """NIfTI lazily; uncompressed files in z-slabs (cheap seeks), gzipped ones whole (gzip cannot seek)."""
     import nibabel as nib
 
     img = nib.load(str(path))
     shape = img.shape
-    if len(shape) == 4 and shape[3] == 1:
-        shape = shape[:3]
-    proxy = img.dataobj
-    arr = da.from_array(proxy, chunks=-1, asarray=True, fancy=False, meta=np.empty((0,) * len(img.shape),
-                                                                                   dtype=img.get_data_dtype()))
+    if len(shape) not in (3, 4):
+        raise InputError(path, f"expected a 3D NIfTI volume (optionally with channels), got shape {shape}")
+    chunks = -1 if str(path).lower().endswith(".gz") else (-1, -1, 64) + (-1,) * (len(shape) - 3)
+    arr = da.from_array(img.dataobj, chunks=chunks, asarray=True, fancy=False,
+                        meta=np.empty((0,) * len(shape), dtype=img.get_data_dtype()))
     if arr.ndim == 4:
         arr = arr[..., 0] if arr.shape[3] == 1 else arr.transpose(3, 0, 1, 2)
     spatial_axes = arr.ndim - 3
     arr = arr.transpose(tuple(range(spatial_axes)) + tuple(reversed(range(spatial_axes, arr.ndim))))
+    return Volume(arr, _nifti_voxel_size(img), str(path))
+
+
+def _nifti_voxel_size(img) -> tuple[float, float, float]:
+    """Zooms in µm (z, y, x). NIfTI's unit defaults to mm; unit zooms with no unit mean uncalibrated: 1 µm."""
     unit = img.header.get_xyzt_units()[0]
-    factor = _unit_factor(unit, 1e3)  # NIfTI's default spatial unit is the millimetre
-    zooms = [float(z) * factor for z in img.header.get_zooms()[:3]]
-    return Volume(arr, (zooms[2], zooms[1], zooms[0]), str(path))
+    zooms = [float(z) for z in img.header.get_zooms()[:3]]
+    if unit == "unknown" and all(z == 1.0 for z in zooms):
+        return (1.0, 1.0, 1.0)
+    factor = _unit_factor(unit, 1e3)
+    um = [float(f"{z * factor:.6g}") for z in zooms]  # float32 zooms: keep their real precision only
+    return (um[2], um[1], um[0])
 
 
 def _natural_key(p: Path) -> list:
@@ -221,6 +233,7 @@ def _read_plane(path: Path, shape: tuple[int, ...]) -> np.ndarray:
 
 
 def _open_zarr(path: Path) -> Volume:
+    """A plain Zarr array (unit voxels) or an NGFF image's level 0, with (t,) c, z, y, x axes in any order."""
     import zarr
 
     node = zarr.open(str(path), mode="r")
@@ -229,5 +242,11 @@ def _open_zarr(path: Path) -> Volume:
     from lsmfm.io.omezarr import read_multiscales
 
     ms = read_multiscales(node, path)
-    arr = node[ms.paths[0]]
-    return Volume(da.from_zarr(arr), ms.voxel_sizes[0], str(path))
+    arr = da.from_zarr(node[ms.paths[0]])
+    axes = list(ms.axes) if len(ms.axes) == arr.ndim else list("czyx"[-arr.ndim:])
+    for extra in [a for a in axes if a not in "czyx"]:
+        i = axes.index(extra)
+        if arr.shape[i] != 1:
+            raise InputError(path, f"axis {extra!r} has size {arr.shape[i]}; only (c, z, y, x) images work")
+        arr, axes = arr[(slice(None),) * i + (0,)], axes[:i] + axes[i + 1:]
+    return Volume(arr.transpose([axes.index(a) for a in "czyx" if a in axes]), ms.voxel_sizes[0], str(path))

@@ -1,0 +1,211 @@
+"""Convert volumes (TIFF, OME-TIFF, NIfTI, TIFF plane folders, Zarr) into one OME-Zarr image.
+
+Everything goes through Dask in chunk-sized pieces, so memory stays bounded whatever the volume size:
+level 0 is written straight from the (lazy) source while the same pass gathers the intensity
+statistics; each coarser level is read back from the level below, pooled and written. The store is
+built as `<out>.partial` with its multiscales metadata written last and renamed when complete, so an
+interrupted or failed ingest never looks finished; a re-run removes the leftover and starts over.
+The layout is documented in `lsmfm.io.omezarr`.
+"""
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import dask.array as da
+import numpy as np
+
+from lsmfm.errors import InputError
+from lsmfm.io import omezarr
+from lsmfm.io.volumes import open_volume
+
+PERCENTILES = (0.1, 0.5, 1.0, 2.0, 5.0, 50.0, 95.0, 98.0, 99.0, 99.5, 99.8, 99.9)
+SAMPLE_VOXELS = 2_000_000  # per channel, for the percentiles
+
+
+def ingest(sources: str | Path | Sequence[str | Path], out: str | Path,
+           labels: Mapping[str, str | Path] | None = None, chunk: int = 64, levels: int | None = None,
+           overwrite: bool = False, progress: bool = True) -> Path:
+    """Ingest one image (several `sources` are its channels) and optional label images into `out`."""
+    paths = [Path(sources)] if isinstance(sources, (str, Path)) else [Path(s) for s in sources]
+    if not paths:
+        raise InputError(None, "no source volume given")
+    for p in paths + [Path(v) for v in (labels or {}).values()]:
+        if p.exists() and Path(out).exists() and p.resolve() == Path(out).resolve():
+            raise InputError(p, "is both a source and the output store")
+    check_target(out, overwrite)
+    data, voxel_size = _open_channels(paths)
+    label_data = {name: _open_label(Path(p), data.shape[1:]) for name, p in (labels or {}).items()}
+    return ingest_array(data, voxel_size, out, labels=label_data, chunk=chunk, levels=levels,
+                        overwrite=overwrite, progress=progress, sources=[str(p) for p in paths])
+
+
+def ingest_array(data: da.Array | np.ndarray, voxel_size: Sequence[float], out: str | Path,
+                 labels: Mapping[str, da.Array | np.ndarray] | None = None, chunk: int = 64,
+                 levels: int | None = None, overwrite: bool = False, progress: bool = True,
+                 sources: Sequence[str] = ()) -> Path:
+    """Write a (C,)Z,Y,X array, possibly lazy and larger than memory, as an OME-Zarr image at `out`."""
+    out = Path(out)
+    where = ", ".join(sources) or str(out)
+    if chunk < 8:
+        raise InputError(None, f"chunk must be >= 8 voxels, got {chunk}")
+    data = _as_czyx(da.asarray(data), where)
+    voxel = _check_voxel(voxel_size, where)
+    label_data = {name: _as_label(da.asarray(lab), data.shape[1:], name, where)
+                  for name, lab in (labels or {}).items()}
+    factors = pyramid_factors(data.shape[1:], voxel, chunk, levels)
+    check_target(out, overwrite)
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        _write_store(partial, data, voxel, label_data, factors, chunk, progress, list(sources), where)
+        _replace(partial, out)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return out
+
+
+def check_target(out: str | Path, overwrite: bool) -> None:
+    """Refuse to replace an existing store unless asked: a complete one, or any folder that is in the way."""
+    out = Path(out)
+    if not out.exists() or overwrite:
+        return
+    if omezarr.is_complete_image(out):
+        raise InputError(out, "already a complete OME-Zarr image; pass --overwrite to replace it")
+    raise InputError(out, "exists and is not a complete OME-Zarr image; remove it or pass --overwrite")
+
+
+def pyramid_factors(shape: Sequence[int], voxel: Sequence[float], chunk: int = 64,
+                    levels: int | None = None) -> list[tuple[int, int, int]]:
+    """Per-level pooling factors (z, y, x): halve the finest axes first, so anisotropic voxels become cubic.
+
+    With `levels=None`, add levels until the level fits in one chunk along its longest side (at least
+    two levels in all); otherwise exactly `levels` levels where the volume allows it.
+    """
+    if levels is not None and levels < 2:
+        raise InputError(None, f"levels must be >= 2 (full resolution and a coarse level), got {levels}")
+    size, vox = np.asarray(shape, int), np.asarray(voxel, float)
+    factors: list[tuple[int, int, int]] = []
+    while True:
+        n_levels = len(factors) + 1
+        if levels is not None and n_levels >= levels:
+            break
+        if levels is None and n_levels >= 2 and size.max() <= chunk:
+            break
+        can = size >= 2
+        fine = can & (vox < vox[can].max() / 1.5) if can.any() else can
+        step = np.where(fine if fine.any() else can, 2, 1)
+        if not (step > 1).any():
+            break
+        factors.append(tuple(int(s) for s in step))  # type: ignore[arg-type]
+        size, vox = size // step, vox * step
+    return factors
+
+
+def _open_channels(paths: list[Path]) -> tuple[da.Array, tuple[float, float, float]]:
+    vols = [open_volume(p) for p in paths]
+    first = vols[0]
+    for vol in vols[1:]:
+        if vol.spatial_shape != first.spatial_shape:
+            raise InputError(vol.path, f"shape {vol.spatial_shape} differs from {first.path} "
+                                       f"{first.spatial_shape}: channels of one image must match")
+        if not np.allclose(vol.voxel_size, first.voxel_size, rtol=0.01):
+            raise InputError(vol.path, f"voxel size {vol.voxel_size} µm differs from {first.path} "
+                                       f"{first.voxel_size} µm: channels of one image must match")
+    arrays = [v.data if v.data.ndim == 4 else v.data[None] for v in vols]
+    dtype = np.result_type(*[a.dtype for a in arrays])
+    return da.concatenate([a.astype(dtype) for a in arrays], axis=0), first.voxel_size
+
+
+def _open_label(path: Path, shape: tuple[int, ...]) -> da.Array:
+    vol = open_volume(path)
+    if vol.data.ndim != 3:
+        raise InputError(path, f"a label image must be 3D (Z, Y, X), got shape {tuple(vol.data.shape)}")
+    if vol.spatial_shape != tuple(shape):
+        raise InputError(path, f"label shape {vol.spatial_shape} differs from the image shape {tuple(shape)}")
+    return vol.data
+
+
+def _as_czyx(data: da.Array, where: str) -> da.Array:
+    if data.ndim == 3:
+        data = data[None]
+    if data.ndim != 4:
+        raise InputError(where, f"expected a 3D volume (Z, Y, X) or (C, Z, Y, X), got shape {data.shape}")
+    if min(data.shape) < 1:
+        raise InputError(where, f"volume is empty: shape {data.shape}")
+    if min(data.shape[1:]) < 2:
+        raise InputError(where, f"not a 3D volume: shape {data.shape} has a spatial side of length 1")
+    if data.dtype == bool:
+        data = data.astype(np.uint8)
+    if not (np.issubdtype(data.dtype, np.integer) or np.issubdtype(data.dtype, np.floating)):
+        raise InputError(where, f"unsupported data type {data.dtype}")
+    return data if data.dtype.isnative else data.astype(data.dtype.newbyteorder("="))
+
+
+def _as_label(lab: da.Array, shape: tuple[int, ...], name: str, where: str) -> da.Array:
+    """Labels as (1, Z, Y, X) integers; float masks (common in NIfTI) are truncated to integers."""
+    if not re.fullmatch(r"[\w.+-]+", name):
+        raise InputError(where, f"label name {name!r} must be letters, digits, '_', '.', '+', '-'")
+    if tuple(lab.shape) != tuple(shape):
+        raise InputError(where, f"label {name!r} has shape {tuple(lab.shape)}, the image {tuple(shape)}")
+    if lab.dtype == bool:
+        return lab.astype(np.uint8)[None]
+    if np.issubdtype(lab.dtype, np.floating):
+        return lab.astype(np.uint32)[None]
+    return (lab if lab.dtype.isnative else lab.astype(lab.dtype.newbyteorder("=")))[None]
+
+
+def _check_voxel(voxel_size: Sequence[float], where: str) -> tuple[float, float, float]:
+    voxel = tuple(float(v) for v in voxel_size)
+    if len(voxel) != 3 or not all(np.isfinite(v) and v > 0 for v in voxel):
+        raise InputError(where, f"voxel size must be 3 positive µm values (z, y, x), got {tuple(voxel_size)}")
+    return voxel  # type: ignore[return-value]
+
+
+def _write_store(path: Path, data: da.Array, voxel: tuple[float, float, float],
+                 labels: Mapping[str, da.Array], factors: list[tuple[int, int, int]], chunk: int,
+                 progress: bool, sources: list[str], where: str) -> None:
+    import zarr
+
+    from lsmfm.data.ingest_stats import level0_with_stats, omero_block
+    from lsmfm.data.pyramid import progress_bar, write_pyramid
+
+    name = Path(sources[0]).name if sources else path.name.removesuffix(".partial")
+    group = zarr.open_group(str(path), mode="w", zarr_format=3)
+    with progress_bar(f"ingest {name}", progress) as bar:
+        stats = level0_with_stats(group, data, chunk, PERCENTILES, SAMPLE_VOXELS, bar, where)
+        write_pyramid(group, factors, chunk, "mean", bar)
+        if labels:
+            _write_labels(group, labels, voxel, factors, chunk, bar)
+    channels = [Path(s).name for s in sources] if len(sources) == data.shape[0] else \
+        [f"channel {i}" for i in range(data.shape[0])]
+    omezarr.write_ome(group, {"multiscales": [omezarr.multiscales_metadata(name, voxel, factors, "mean")],
+                              "omero": omero_block(stats, channels)},
+                      {"lsmfm": {"intensity": stats, "sources": sources, "channel_names": channels}})
+
+
+def _write_labels(group: Any, labels: Mapping[str, da.Array], voxel: tuple[float, float, float],
+                  factors: list[tuple[int, int, int]], chunk: int, bar: Any) -> None:
+    from lsmfm.data.pyramid import store_level, write_pyramid
+
+    parent = group.require_group("labels")
+    for name, lab in labels.items():
+        sub = parent.require_group(name)
+        store_level(sub, "0", lab, chunk, bar, f"label {name} level 0")
+        write_pyramid(sub, factors, chunk, "max", bar, name=f"label {name}")
+        omezarr.write_ome(sub, {"multiscales": [omezarr.multiscales_metadata(name, voxel, factors, "max")],
+                                "image-label": {"source": {"image": "../../"}}})
+    omezarr.write_ome(parent, {"labels": list(labels)})
+
+
+def _replace(partial: Path, out: Path) -> None:
+    """Move the finished store into place; an old store is removed only after the new one is complete."""
+    old = out.with_name(out.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        out.rename(old)
+    partial.rename(out)
+    shutil.rmtree(old, ignore_errors=True)

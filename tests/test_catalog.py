@@ -1,0 +1,189 @@
+"""Catalogs: loading rules, validation table, materialising stores, the paper importer, shipped catalogs."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lsmfm.cli.main import main
+from lsmfm.data.catalog import load_catalog, validate_catalog, write_catalog
+from lsmfm.data.catalog_ingest import ingest_catalog
+from lsmfm.data.paper_import import import_paper, stain_from_text
+from lsmfm.data.synthetic import STRUCTURES, write_demo_catalog, write_nifti, write_synth_dataset
+from lsmfm.errors import ConfigError, InputError
+from lsmfm.io.omezarr import open_image
+
+REPO = Path(__file__).resolve().parents[1]
+PAPER = Path("lsm_fm_samples") / "pretrain"
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_load_merges_defaults_and_resolves_paths(tmp_path):
+    cat = _write(tmp_path / "c.yaml", """
+defaults: {licence: MIT, organism: mouse}
+entries:
+  - id: a
+    store: stores/a.zarr
+    source: raw/a.tif
+    descriptions: one text
+  - id: b
+    store: /abs/b
+    descriptions: [x, y]
+    organism: rat
+    weight: 2
+""")
+    a, b = load_catalog(cat)
+    assert a.store_path == tmp_path / "stores" / "a.zarr" and a.source_paths == [tmp_path / "raw" / "a.tif"]
+    assert a.descriptions == ["one text"] and a.licence == "MIT" and a.organism == "mouse"
+    assert b.store_path == Path("/abs/b") and b.is_collection and b.organism == "rat" and b.weight == 2.0
+    assert not a.is_collection
+
+
+@pytest.mark.parametrize("body, fragment", [
+    ("entries:\n  - {id: a, store: s.zarr, descriptions: [t], stains: x}\n",
+     r"entry 'a': unknown key\(s\) \['stains'\]"),
+    ("entries:\n  - {id: a, store: s.zarr, descriptions: [t]}\n"
+     "  - {id: a, store: t.zarr, descriptions: [t]}\n", "duplicate entry id 'a'"),
+    ("entries:\n  - {id: a, store: s.zarr}\n", r"entry 'a': missing required key\(s\) \['descriptions'\]"),
+    ("entries:\n  - {id: a, store: s.zarr, descriptions: []}\n", "at least one non-empty text"),
+    ("entries:\n  - {id: a, store: s.zarr, descriptions: [t], weight: fast}\n", "weight must be a number"),
+    ("sources: []\nentries:\n  - {id: a, store: s.zarr, descriptions: [t]}\n", "unknown top-level key"),
+    ("entries: []\n", "non-empty `entries:`"),
+])
+def test_bad_catalogs_name_file_entry_and_key(tmp_path, body, fragment):
+    cat = _write(tmp_path / "bad.yaml", body)
+    with pytest.raises(ConfigError, match=fragment) as err:
+        load_catalog(cat)
+    assert "bad.yaml" in str(err.value)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> Path:
+    """Synthetic sources and their demo catalog (stores not yet ingested)."""
+    root = tmp_path_factory.mktemp("demo")
+    write_synth_dataset(root / "synth", size=32, volumes=3, patch=16, n_per_class={"train": 0},
+                        progress=False)
+    return write_demo_catalog(root / "catalog.yaml", root / "synth", root / "stores")
+
+
+def test_demo_catalog_ingest_then_validates(demo, capsys):
+    assert main(["catalog", "validate", str(demo)]) == 1
+    assert "store is missing" in capsys.readouterr().out
+    assert main(["catalog", "ingest", str(demo), "--quiet"]) == 0
+    assert main(["catalog", "validate", str(demo)]) == 0
+    out = capsys.readouterr().out
+    assert "3 of 3 entries ok" in out and "32x32x32" in out and "4x1.8x1.8" in out
+    entry = load_catalog(demo)[1]
+    group, _ = open_image(entry.images()[0])
+    assert sorted(group["labels"].attrs["ome"]["labels"]) == sorted(STRUCTURES)
+    assert entry.class_label == "vessels" and len(entry.descriptions) >= 2
+    assert [r["kept"] for r in ingest_catalog(demo, progress=False)] == [1, 1, 1], "complete stores are kept"
+
+
+def test_validate_reports_voxel_mismatch_and_bad_channel(demo, tmp_path):
+    ingest_catalog(demo, progress=False)
+    store = load_catalog(demo)[0].store_path
+    cat = write_catalog(tmp_path / "c.yaml", [
+        {"id": "vox", "store": str(store), "voxel_size": [1.0, 1.0, 1.0], "descriptions": ["t"]},
+        {"id": "chan", "store": str(store), "channel": 2, "descriptions": ["t"]},
+        {"id": "lab", "store": str(store), "labels": "axons", "descriptions": ["t"]},
+    ])
+    status = {r["id"]: r["status"] for r in validate_catalog(cat)}
+    assert "differs from the catalog's" in status["vox"]
+    assert "asks for channel 2" in status["chan"]
+    assert "labels/axons" in status["lab"]
+
+
+def test_catalog_ingest_checks_every_source_before_writing(tmp_path):
+    write_nifti(tmp_path / "a.nii.gz", np.arange(8 ** 3, dtype=np.uint16).reshape(8, 8, 8), (1, 1, 1))
+    cat = write_catalog(tmp_path / "c.yaml", [
+        {"id": "a", "store": "stores/a.zarr", "source": "a.nii.gz", "descriptions": ["t"]},
+        {"id": "b", "store": "stores/b.zarr", "source": "missing.tif", "descriptions": ["t"]},
+    ])
+    with pytest.raises(InputError, match=r"missing\.tif: catalog entry 'b': source does not exist"):
+        ingest_catalog(cat, progress=False)
+    assert not (tmp_path / "stores").exists()
+
+
+def _paper_layout(root: Path, prompts: dict[str, str], n_patches: int = 2) -> tuple[Path, Path]:
+    rng = np.random.default_rng(0)
+    for folder in prompts:
+        for i in range(n_patches):
+            (root / "patches" / folder / "input").mkdir(parents=True, exist_ok=True)
+            write_nifti(root / "patches" / folder / "input" / f"{folder.lower()}_p{i}.nii.gz",
+                        rng.integers(0, 500, (16, 16, 16)).astype(np.uint16), (2.0, 1.8, 1.8))
+    (root / "prompts.json").write_text(json.dumps({k.lower() if i % 2 else k: v
+                                                   for i, (k, v) in enumerate(prompts.items())}))
+    return root / "patches", root / "prompts.json"
+
+
+def test_import_paper_layout_ingests_collections(tmp_path):
+    prompts = {"01_AB-Cd": "Cleared adult mouse brain stained for GFAP in the 639 nm channel.",
+               "02_Xy": "Nuclei labelled with SYTO 24 (488 nm) in a cleared mouse brain."}
+    root, js = _paper_layout(tmp_path, {k: v for k, v in prompts.items()})
+    cat = import_paper(root, js, tmp_path / "stores", tmp_path / "paper.yaml", progress=False)
+    a, b = load_catalog(cat)
+    assert (a.id, a.stain, a.organism) == ("01_AB-Cd", "GFAP (639 nm)", "mouse")
+    assert a.voxel_size == [2.0, 1.8, 1.8]
+    assert b.descriptions == [prompts["02_Xy"]] and b.stain == "SYTO 24 (488 nm)"
+    assert [p.name for p in a.images()] == ["01_ab-cd_p0.zarr", "01_ab-cd_p1.zarr"]
+    assert [r["status"] for r in validate_catalog(cat)] == ["ok", "ok"]
+    next(iter((tmp_path / "stores" / "02_Xy").glob("*.zarr"))).rename(tmp_path / "gone.zarr")
+    assert "incomplete collection: 1 of 2" in validate_catalog(cat)[1]["status"]
+
+
+def test_import_paper_requires_a_prompt_per_folder(tmp_path):
+    root, js = _paper_layout(tmp_path, {"01_a": "text", "02_b": "text"}, n_patches=1)
+    js.write_text(json.dumps({"01_a": "text"}))
+    with pytest.raises(InputError, match="02_b: no text prompt"):
+        import_paper(root, js, tmp_path / "stores", tmp_path / "paper.yaml", progress=False)
+    assert not (tmp_path / "stores").exists() and not (tmp_path / "paper.yaml").exists()
+
+
+def test_stain_from_text():
+    assert stain_from_text("immunostained for tyrosine hydroxylase (TH), 639 nm channel") == "TH (639 nm)"
+    assert stain_from_text("AAV.PHP.eB-tdTomato labelling of GPR85 neurons, 561 nm") == "tdTomato (561 nm)"
+    assert stain_from_text("no known marker") == ""
+
+
+def test_shipped_synthetic_catalog_matches_the_generator(tmp_path):
+    shipped = REPO / "data_catalog" / "synthetic_demo.yaml"
+    demo = REPO / "runs" / "demo"
+    fresh = write_demo_catalog(tmp_path / "x.yaml", demo / "synth", demo / "stores")
+    ours, theirs = load_catalog(shipped), load_catalog(fresh)
+    assert [(e.id, e.store_path, e.source_paths, e.descriptions) for e in ours] == \
+           [(e.id, e.store_path, e.source_paths, e.descriptions) for e in theirs]
+
+
+@pytest.mark.shared
+def test_shipped_paper_catalog_matches_the_importer(shared_data, tmp_path):
+    shipped = load_catalog(REPO / "data_catalog" / "lsm_fm_pretrain_samples.yaml")
+    paper = shared_data / PAPER
+    fresh = load_catalog(import_paper(paper / "wu_brain_patches", paper / "text_prompts_wu.json",
+                                      REPO / "runs" / "stores" / "lsm_fm_pretrain", tmp_path / "p.yaml",
+                                      ingest=False))
+    assert len(shipped) == 10
+    assert [(e.id, e.store_path, e.source_paths, e.descriptions, e.stain) for e in shipped] == \
+           [(e.id, e.store_path, e.source_paths, e.descriptions, e.stain) for e in fresh]
+    assert all(e.licence == "MIT" and "2605.26026" in e.citation and e.organism == "mouse" for e in shipped)
+
+
+@pytest.mark.shared
+def test_real_paper_patches_import_and_validate(shared_data, tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    folders = sorted((shared_data / PAPER / "wu_brain_patches").iterdir())[:3]
+    for folder in folders:
+        (root / folder.name).symlink_to(folder)
+    prompts = shared_data / PAPER / "text_prompts_wu.json"
+    assert main(["catalog", "import-paper", str(root), "--prompts", str(prompts), "--stores",
+                 str(tmp_path / "stores"), "--out", str(tmp_path / "real.yaml"), "--quiet"]) == 0
+    rows = validate_catalog(tmp_path / "real.yaml")
+    assert [r["status"] for r in rows] == ["ok"] * 3
+    assert all(r["shape"] == "96x96x96" and r["voxel_size"].startswith("2x1.8") for r in rows)
