@@ -18,6 +18,8 @@ import torch
 from monai.networks.nets import SwinUNETR, UNet
 from torch import nn
 
+from lsmfm.weights.hub import HubMixin
+
 
 @dataclass
 class BackboneConfig:
@@ -62,8 +64,11 @@ class BackboneConfig:
         return m
 
 
-class BackboneMixin:
-    """Shared API: `forward(x)` gives (B, C, D, H, W) features, `embed(x)` a pooled (B, C) vector."""
+class BackboneMixin(HubMixin):
+    """Shared API: `forward(x)` gives (B, C, D, H, W) features, `embed(x)` a pooled (B, C) vector.
+
+    `HubMixin` adds `save_pretrained(dir)`, `from_pretrained(source)` and `push_to_hub(repo_id)`.
+    """
 
     config: BackboneConfig
 

@@ -1,0 +1,94 @@
+"""Download release files into a cache with a progress bar, a size and sha256 check, and an atomic rename.
+
+The cache is `$XDG_CACHE_HOME/lsmfm` (default `~/.cache/lsmfm`). A file reaches its final name only
+after it was fully read and verified, so an interrupted download is never mistaken for a good one.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from tqdm import tqdm
+
+from lsmfm.errors import InputError
+from lsmfm.weights.registry import Release
+
+log = logging.getLogger(__name__)
+CHUNK = 1 << 20
+
+
+def cache_dir() -> Path:
+    """Where releases are kept: $XDG_CACHE_HOME/lsmfm, else ~/.cache/lsmfm."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "lsmfm"
+
+
+def sha256_of(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(CHUNK), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fetch_release(release: Release, cache: str | Path | None = None, progress: bool = True) -> Path:
+    """The cached file of `release`, downloaded and verified first if needed."""
+    target = Path(cache or cache_dir()) / "releases" / release.name / release.filename
+    if target.is_file():
+        if _cached_ok(release, target):
+            return target
+        log.warning("%s: cached file fails its check, downloading again", target)
+        target.unlink()
+    return download(release.url, target, sha256=release.sha256, size=release.size, progress=progress)
+
+
+def _cached_ok(release: Release, target: Path) -> bool:
+    if release.size is not None and target.stat().st_size != release.size:
+        return False
+    return release.sha256 is None or sha256_of(target) == release.sha256.lower()
+
+
+def download(url: str, target: str | Path, sha256: str | None = None, size: int | None = None,
+             progress: bool = True) -> Path:
+    """Stream `url` to `target` (temp file, verify, rename); a hash or size mismatch deletes it and raises."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+    tmp = Path(name)
+    try:
+        digest, n = _stream(url, fd, size, target.name, progress)
+        if size is not None and n != size:
+            raise InputError(url, f"download has {n} bytes, expected {size}; deleted")
+        if sha256 is not None and digest != sha256.lower():
+            raise InputError(url, f"sha256 mismatch: expected {sha256.lower()}, got {digest}; "
+                                  "the download was deleted")
+        if sha256 is None:
+            log.warning("%s: no published sha256 to verify against; this download's sha256 is %s",
+                        url, digest)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
+
+
+def _stream(url: str, fd: int, size: int | None, label: str, progress: bool) -> tuple[str, int]:
+    h = hashlib.sha256()
+    n = 0
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as resp:
+            total = int(resp.headers.get("Content-Length") or 0) or size
+            with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {label}",
+                      disable=not progress) as bar:
+                for block in iter(lambda: resp.read(CHUNK), b""):
+                    out.write(block)
+                    h.update(block)
+                    n += len(block)
+                    bar.update(len(block))
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        raise InputError(url, f"download failed: {exc}") from exc
+    return h.hexdigest(), n

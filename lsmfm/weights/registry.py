@@ -1,0 +1,109 @@
+"""Named releases: `lsmfm.load_pretrained("unet_image_text")` downloads, verifies and loads a known file.
+
+Each entry says where the file is, how to check it (sha256, size) and which architecture its weights
+must have, so a wrong or swapped file is caught. The paper's four Lightning checkpoints are registered
+here; their sha256 is not published yet, so it is null: the download is then checked by size when
+known, its hash is printed, and the check becomes strict once a hash is filled in.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from lsmfm.errors import InputError
+
+ZENODO = "https://zenodo.org/records/20146516/files/{}?download=1"
+
+
+@dataclass(frozen=True)
+class Release:
+    """A downloadable set of weights.
+
+    Args:
+        name: what users pass to `load_pretrained`.
+        url: https:// or file:// address of the file.
+        filename: name of the file in the cache.
+        format: "paper-ckpt" (a Lightning checkpoint in the paper's layout) or "safetensors" (our
+            format as one file, its config embedded in the header).
+        arch: BackboneConfig fields the weights must have (checked after loading).
+        sha256: hex digest; a mismatch deletes the download and raises. None: not verified.
+        size: bytes, checked when given.
+        description: one line for listings.
+    """
+
+    name: str
+    url: str
+    filename: str
+    format: Literal["paper-ckpt", "safetensors"]
+    arch: dict[str, Any] = field(default_factory=dict)
+    sha256: str | None = None
+    size: int | None = None
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if self.format not in ("paper-ckpt", "safetensors"):
+            raise ValueError(f"release {self.name}: format must be paper-ckpt or safetensors, "
+                             f"got {self.format!r}")
+        if (self.format == "safetensors") != self.filename.endswith(".safetensors"):
+            raise ValueError(f"release {self.name}: filename {self.filename!r} does not fit "
+                             f"format {self.format}")
+        if self.sha256 is not None and (len(self.sha256) != 64 or not all(c in "0123456789abcdef"
+                                                                         for c in self.sha256.lower())):
+            raise ValueError(f"release {self.name}: sha256 must be 64 hex digits, got {self.sha256!r}")
+
+
+RELEASES: dict[str, Release] = {}
+
+
+def register_release(release: Release, replace: bool = False) -> Release:
+    """Add a release to the registry (an existing name needs `replace=True`)."""
+    if release.name in RELEASES and not replace:
+        raise ValueError(f"release {release.name!r} is already registered")
+    RELEASES[release.name] = release
+    return release
+
+
+def get_release(name: str) -> Release:
+    if name not in RELEASES:
+        raise InputError(None, f"unknown release {name!r}; registered: {', '.join(sorted(RELEASES))}")
+    return RELEASES[name]
+
+
+def list_releases() -> list[Release]:
+    return [RELEASES[n] for n in sorted(RELEASES)]
+
+
+def check_arch(release: Release, backbone: Any, path: Any) -> None:
+    """Raise if the loaded architecture differs from what the registry promises."""
+    diffs = []
+    for key, want in release.arch.items():
+        got = getattr(backbone, key)
+        same = str(got).lower() == str(want).lower() if key == "norm" else list(got) == list(want) \
+            if isinstance(want, (list, tuple)) else got == want
+        if not same:
+            diffs.append(f"{key} is {got!r} in the file but {want!r} in the registry")
+    if diffs:
+        raise InputError(path, f"does not match release {release.name!r}: {'; '.join(diffs)}")
+
+
+_UNET = {"arch": "unet", "in_channels": 1, "channels": [32, 64, 128, 256, 512], "strides": [2, 2, 2, 1],
+         "num_res_units": 2, "norm": "batch", "out_channels": 128}
+
+
+def _paper(name: str, arch: dict[str, Any], what: str) -> Release:
+    filename = f"{name}_best.ckpt"
+    return Release(name=name, url=ZENODO.format(filename), filename=filename, format="paper-ckpt", arch=arch,
+                   description=f"LSM foundation model paper: {what}")
+
+
+for _release in (
+    _paper("unet_image_text", _UNET, "UNet 32-512, embedding 128, image+text pretraining"),
+    _paper("unet_image_only", _UNET, "UNet 32-512, embedding 128, image-only pretraining"),
+    _paper("swinunetr_image_text", {"arch": "swinunetr", "in_channels": 1, "feature_size": 36,
+                                    "out_channels": 512, "norm": "instance"},
+           "SwinUNETR feature size 36, embedding 512, image+text pretraining"),
+    _paper("swinunetr_image_only", {"arch": "swinunetr", "in_channels": 1, "feature_size": 24,
+                                    "out_channels": 512, "norm": "instance"},
+           "SwinUNETR feature size 24, embedding 512, image-only pretraining"),
+):
+    register_release(_release)
