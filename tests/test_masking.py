@@ -1,0 +1,77 @@
+"""Block masking: achieved ratio, alignment of blocks to their sizes, mixing of sizes, fill."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lsmfm.models.masking import MaskConfig, apply_mask, generate_block_mask, mask_loop_reference
+
+
+def cubes(mask: torch.Tensor, size: int) -> torch.Tensor:
+    """(B, D, H, W) -> (B, n_cubes, size**3): the voxels of each size-aligned cube."""
+    b, d, h, w = mask.shape
+    m = mask.reshape(b, d // size, size, h // size, size, w // size, size)
+    return m.permute(0, 1, 3, 5, 2, 4, 6).reshape(b, -1, size ** 3)
+
+
+@pytest.mark.parametrize("ratio", [0.3, 0.6, 0.75])
+def test_ratio_close_to_target_per_sample(ratio):
+    mask = generate_block_mask(4, (64, 64, 64), [8, 16], ratio, generator=1)
+    achieved = mask.float().mean(dim=(1, 2, 3))
+    # within one largest block (16^3 of 64^3 = 1/64) of the target, for every sample
+    assert torch.all((achieved - ratio).abs() <= 1 / 64), achieved
+
+
+def test_blocks_aligned_to_smallest_size_and_sizes_mixed():
+    mask = generate_block_mask(2, (64, 64, 64), [8, 16], 0.5, generator=2)
+    small = cubes(mask, 8)
+    assert torch.all(small.all(-1) | ~small.any(-1)), "an aligned 8^3 cube is partly masked"
+    big = cubes(mask, 16).float().mean(-1)
+    partial = ((big > 0) & (big < 1)).sum()
+    assert partial > 0, "no 16^3 region holds 8^3 blocks: sizes are not mixed"
+    assert (big == 1).sum() > 0 and (big == 0).sum() > 0
+
+
+def test_single_size_gives_whole_blocks_of_that_size():
+    mask = generate_block_mask(3, (32, 64, 32), [16], 0.5, generator=3)
+    c = cubes(mask, 16)
+    assert torch.all(c.all(-1) | ~c.any(-1))
+    assert mask.shape == (3, 32, 64, 32) and mask.dtype == torch.bool
+
+
+def test_seeded_and_samples_differ():
+    a = generate_block_mask(2, (32, 32, 32), [8, 16], 0.5, generator=7)
+    b = generate_block_mask(2, (32, 32, 32), [8, 16], 0.5, generator=7)
+    assert torch.equal(a, b)
+    assert not torch.equal(a[0], a[1])
+
+
+def test_extreme_ratios():
+    assert not generate_block_mask(1, (32, 32, 32), [8], 0.0).any()
+    assert generate_block_mask(1, (32, 32, 32), [8], 1.0).all()
+
+
+def test_invalid_sizes_and_shapes_raise():
+    with pytest.raises(ValueError, match="nest"):
+        MaskConfig(block_sizes=[8, 12])
+    with pytest.raises(ValueError, match="divisible"):
+        generate_block_mask(1, (40, 32, 32), [8, 16], 0.5)
+    with pytest.raises(ValueError, match="ratio"):
+        MaskConfig(ratio=1.2)
+
+
+def test_loop_reference_reaches_ratio():
+    mask = mask_loop_reference(1, (32, 32, 32), [8, 16], 0.5, seed=0)
+    assert mask.float().mean() >= 0.5
+
+
+def test_apply_mask_token_gets_gradient_and_constant_fill():
+    images = torch.rand(2, 1, 16, 16, 16)
+    mask = generate_block_mask(2, (16, 16, 16), [8], 0.5, generator=0)
+    token = torch.nn.Parameter(torch.tensor([0.25]))
+    out = apply_mask(images, mask, token)
+    assert torch.all(out[:, 0][mask] == 0.25) and torch.equal(out[:, 0][~mask], images[:, 0][~mask])
+    out.sum().backward()
+    assert token.grad.item() == pytest.approx(float(mask.sum()))
+    const = apply_mask(images, mask, -1.0)
+    assert torch.all(const[:, 0][mask] == -1.0)
