@@ -1,0 +1,56 @@
+"""`lsmfm analyze domains`: how far apart datasets lie in an encoder's feature space.
+
+lsmfm analyze domains --encoder sam:facebook/sam-vit-base --data DIR_A DIR_B DIR_C --out runs/domains
+lsmfm analyze domains --encoder lsmfm3d:unet_image_text --data ...
+lsmfm analyze domains --adapted runs/baseline2d_sam_lora --data ...   # before and after adaptation
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="analysis", metavar="ANALYSIS", required=True)
+    p = sub.add_parser("domains", help="PCA of encoder features coloured by dataset, and their separability")
+    p.add_argument(
+        "--encoder",
+        help="sam|dinov2|dinov3|clip[:WEIGHTS] (random weights without), "
+        "or lsmfm3d:SOURCE (a load_pretrained source) or lsmfm3d:scratch",
+    )
+    p.add_argument("--data", nargs="+", required=True, help="two or more datasets (folders or image files)")
+    p.add_argument("--adapted", help="a `lsmfm baseline2d` run folder: also report after its adaptation")
+    p.add_argument(
+        "--size",
+        default="vit_b",
+        choices=["tiny", "vit_b", "vit_l", "vit_h"],
+        help="architecture of random-weight encoders (default vit_b)",
+    )
+    p.add_argument("--tile", type=int, default=128, help="tile side in pixels (default 128)")
+    p.add_argument("--max-samples", type=int, default=64, help="tiles per dataset (default 64)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--out", default="runs/domains", help="output folder (default runs/domains)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from lsmfm.baselines2d.domains import analyze, make_embedders
+    from lsmfm.baselines2d.train import resolve_device
+    from lsmfm.errors import InputError
+
+    if len(args.data) < 2:
+        raise InputError(None, "--data needs at least two datasets")
+    if args.tile < 8 or args.max_samples < 2:
+        raise InputError(None, "--tile must be >= 8 and --max-samples >= 2")
+    embedders = make_embedders(args.encoder, args.size, args.adapted, resolve_device(args.device))
+    report = analyze(
+        embedders, args.data, args.out, tile=args.tile, max_samples=args.max_samples, seed=args.seed
+    )
+    print("datasets: " + ", ".join(f"{n} ({k} tiles)" for n, k in report["datasets"].items()))
+    for stage, r in report["results"].items():
+        print(
+            f"{stage:6s} {r['encoder']}: separability {r['separability']:.3f} (chance {r['chance']:.3f}), "
+            f"PCA variance {r['explained_variance'][0]:.2f} + {r['explained_variance'][1]:.2f}"
+        )
+    print(f"wrote {args.out}/domains.json and pca_*.png")
+    return 0
