@@ -102,3 +102,17 @@ def test_results_csv_json_and_plot(tmp_path):
 def test_cli_without_command_prints_help(capsys):
     assert main([]) == 2
     assert "ingest" in capsys.readouterr().out
+
+
+def test_overrides_accepted_after_options(tmp_path, monkeypatch):
+    import argparse
+
+    from lsmfm.cli.main import parse_with_overrides
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out")
+    parser.add_argument("overrides", nargs="*")
+    args = parse_with_overrides(parser, ["a.b=1", "--out", "x", "c=2", "d.e=[1,2]"])
+    assert args.out == "x" and args.overrides == ["a.b=1", "c=2", "d.e=[1,2]"]
+    with pytest.raises(SystemExit):
+        parse_with_overrides(parser, ["--out", "x", "--bogus"])
