@@ -7,6 +7,9 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Tiny test networks run faster on one thread; two threads on two busy cores spin in OpenMP (20-100x slower).
+# Set before torch is imported so subprocesses (CLI and multi-rank tests) inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 REPO = Path(__file__).resolve().parents[1]
