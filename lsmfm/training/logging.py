@@ -1,0 +1,98 @@
+"""What a pretraining run reports, on rank 0 only: TensorBoard, a per-step loss file, a progress bar.
+
+- `tb/`: scalars (loss terms, learning rates, EMA momentum, temperatures, collapse monitors: teacher
+  entropy, feature std, CLIP top-1) and image panels (mid-depth slices of input / masked input /
+  reconstruction). On resume the writer purges events after the checkpoint step, so curves do not fold back.
+- `losses.jsonl`: one JSON line per optimizer step (`step`, `loss` and every term), the file the
+  resume test compares; on resume lines after the checkpoint step are dropped.
+- a tqdm bar with ETA and the current loss.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from lsmfm.io.atomic import atomic_write_text
+
+
+class RunLogger:
+    """Rank-0 reporting for one run; on other ranks every method is a no-op."""
+
+    def __init__(self, run_dir: str | Path, enabled: bool, start_step: int, max_steps: int) -> None:
+        self.enabled = enabled
+        self.run_dir = Path(run_dir)
+        self.writer: Any = None
+        self.bar: Any = None
+        if not enabled:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+        from tqdm.auto import tqdm
+
+        self.losses_path = self.run_dir / "losses.jsonl"
+        truncate_jsonl(self.losses_path, start_step)
+        purge = start_step + 1 if start_step else None
+        self.writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=purge)
+        self.bar = tqdm(total=max_steps, initial=start_step, desc="pretrain", unit="step", dynamic_ncols=True)
+
+    def step(self, step: int, loss: float, terms: Mapping[str, float]) -> None:
+        """Record one optimizer step's losses in losses.jsonl and on the progress bar."""
+        if not self.enabled:
+            return
+        record = {"step": step, "loss": loss, **{k: float(v) for k, v in terms.items()}}
+        with open(self.losses_path, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+
+    def scalars(self, step: int, values: Mapping[str, float]) -> None:
+        """TensorBoard scalars, names like "loss/recon", "lr/backbone", "monitor/teacher_entropy"."""
+        if not self.enabled:
+            return
+        for name, value in values.items():
+            self.writer.add_scalar(name, float(value), step)
+
+    def images(self, step: int, visuals: Mapping[str, torch.Tensor]) -> None:
+        """Each visual: an (H, W) slice, or a (B, C, D, H, W) volume's mid-depth plane of sample 0."""
+        if not self.enabled:
+            return
+        for name, volume in visuals.items():
+            self.writer.add_image(f"slices/{name}", as_image(volume), step, dataformats="HW")
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self.writer.flush()
+        self.writer.close()
+        self.bar.close()
+
+
+def as_image(visual: torch.Tensor) -> torch.Tensor:
+    """(H, W) float image in [0, 1]: the slice itself, or the middle depth plane of sample 0, channel 0."""
+    plane = visual.detach()
+    if plane.ndim == 5:
+        plane = plane[0, 0, plane.shape[2] // 2]
+    plane = plane.float().cpu()
+    lo, hi = plane.min(), plane.max()
+    return (plane - lo) / (hi - lo).clamp_min(1e-8)
+
+
+def truncate_jsonl(path: Path, last_step: int) -> None:
+    """Keep only the lines with step <= `last_step` (the steps a resumed run will not repeat)."""
+    if not path.is_file():
+        return
+    kept = [r for r in read_jsonl(path) if r["step"] <= last_step]
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a losses.jsonl file, in order; a line cut short by a kill is skipped."""
+    records = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records

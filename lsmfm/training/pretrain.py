@@ -1,0 +1,336 @@
+"""Pretraining: the student-teacher SSL model on streamed patches, driven by one DeepSpeed engine.
+
+`pretrain(cfg, out_dir)` is the whole program behind `lsmfm pretrain`; the same code runs as one CPU
+process (fp32, gloo) and as every rank of a multi-node `torchrun` job (bf16 autocast, NCCL, ZeRO).
+
+One optimizer step = `train.grad_accum` micro-batches of `train.batch_size` patches per rank. Learning
+rates (per parameter group, scaled by the model's `lr_scales`, which is how text layers are unfrozen
+after warm-up), the EMA momentum and the model's own schedules are pure functions of the optimizer step,
+so a resumed run recomputes them exactly. The teacher is updated once per optimizer step.
+SIGUSR1/SIGTERM ask for a checkpoint at the next optimizer step, after which the run exits cleanly.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import random
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Literal, Sequence
+
+import numpy as np
+import torch
+
+from lsmfm.config import load_config, read_yaml, save_config, to_dict
+from lsmfm.data.stream import StreamConfig, make_loader
+from lsmfm.errors import ConfigError
+from lsmfm.io.atomic import atomic_write_text
+from lsmfm.models.ssl import SSLConfig
+from lsmfm.training import checkpoint, distributed
+from lsmfm.training.schedules import warmup_cosine
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, precision, parallelism and reporting of a pretraining run.
+
+    Args:
+        max_steps: optimizer steps in the whole run.
+        batch_size: patches per rank per micro-batch (the global batch is batch_size * grad_accum * ranks).
+        grad_accum: micro-batches accumulated per optimizer step.
+        lr, final_lr, warmup_steps: peak learning rate, linear warm-up from 0, cosine decay to final_lr.
+        weight_decay, betas: AdamW settings (weight decay only on the groups the model marks for it).
+        grad_clip: global gradient-norm clipping (0 disables).
+        zero_stage: DeepSpeed ZeRO stage 0, 1 or 2.
+        precision: "auto" (bf16 autocast on GPU, fp32 on CPU), "fp32" or "bf16".
+        device: "auto", "cpu" or "cuda".
+        seed: seeds the model initialisation, masks and the data stream.
+        deterministic: torch.use_deterministic_algorithms (for exact resume checks).
+        num_workers: DataLoader worker processes per rank.
+        num_threads: torch CPU threads per rank (0 keeps torch's default).
+        log_every: TensorBoard scalars every this many steps (losses.jsonl gets every step).
+        image_every: TensorBoard image slices every this many steps (0 disables).
+        checkpoint_every: checkpoint every this many steps (and always at the end).
+        keep_checkpoints: newest checkpoints kept (0 keeps all).
+    """
+
+    max_steps: int = 1000
+    batch_size: int = 2
+    grad_accum: int = 1
+    lr: float = 1e-4
+    final_lr: float = 1e-6
+    warmup_steps: int = 100
+    weight_decay: float = 0.04
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    grad_clip: float = 3.0
+    zero_stage: int = 1
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = 0
+    deterministic: bool = False
+    num_workers: int = 0
+    num_threads: int = 0
+    log_every: int = 10
+    image_every: int = 100
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "batch_size", "grad_accum", "checkpoint_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.zero_stage not in (0, 1, 2):
+            raise ValueError(f"train.zero_stage must be 0, 1 or 2, got {self.zero_stage}")
+        if len(self.betas) != 2:
+            raise ValueError(f"train.betas must have two values, got {self.betas}")
+
+
+@dataclass
+class PretrainConfig:
+    """A pretraining recipe: the patch stream, the SSL model and the training settings."""
+
+    data: StreamConfig = field(default_factory=StreamConfig)
+    model: SSLConfig = field(default_factory=SSLConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        multiple = max(self.model.backbone.size_multiple, max(self.model.masking.block_sizes))
+        if any(s % multiple for s in self.data.patch_size):
+            raise ValueError(f"data.patch_size {self.data.patch_size} must be a multiple of {multiple} (the "
+                             f"{self.model.backbone.arch} size multiple and the largest mask block)")
+
+
+def resolve_config(config: str | Path | None, overrides: Sequence[str], out_dir: str | Path,
+                   resume: bool = False) -> PretrainConfig:
+    """The run's config: the recipe (or, resuming without one, RUN_DIR/config.yaml) plus overrides."""
+    saved = Path(out_dir) / "config.yaml"
+    if config is None:
+        if not (resume and saved.is_file()):
+            raise ConfigError("--config is required (unless --resume finds RUN_DIR/config.yaml)")
+        config = saved
+    return load_config(PretrainConfig, config, overrides)
+
+
+def pretrain(cfg: PretrainConfig, out_dir: str | Path, resume: bool = False) -> dict[str, Any]:
+    """Train, checkpoint and report; returns the final metrics (also written to RUN_DIR/metrics.json)."""
+    out = Path(out_dir)
+    _check_run_dir(cfg, out, resume)
+    _check_catalogs(cfg.data)
+    device = distributed.device_for(cfg.train.device)
+    env = distributed.init(device)
+    try:
+        with _torch_settings(cfg.train):
+            return Trainer(cfg, out, env, device, resume).run()
+    finally:
+        distributed.shutdown()
+
+
+def _check_run_dir(cfg: PretrainConfig, out: Path, resume: bool) -> None:
+    """Refuse, before any work, to overwrite a run's checkpoints or to resume with another model."""
+    has_ckpt = checkpoint.latest_tag(out) is not None
+    if has_ckpt and not resume:
+        raise ConfigError(f"{out}: already holds checkpoints; pass --resume to continue it, or choose "
+                          "a new --out")
+    saved = out / "config.yaml"
+    if has_ckpt and saved.is_file():
+        before = read_yaml(saved)
+        now = to_dict(cfg)
+        changed = [k for k in ("data", "model") if before.get(k) != now[k]]
+        if changed:
+            raise ConfigError(f"{saved}: resuming with a different {' and '.join(changed)} section than the "
+                              "checkpointed run; only train.* settings may change on resume")
+
+
+def _check_catalogs(data: StreamConfig) -> None:
+    """Read every catalog before the (slow) model and engine are built: a typo fails at once."""
+    from lsmfm.data.catalog import load_catalog
+
+    if not data.catalogs:
+        raise ConfigError("data.catalogs is empty: list at least one catalog YAML")
+    for path in data.catalogs:
+        load_catalog(path)
+
+
+@contextlib.contextmanager
+def _torch_settings(t: TrainConfig) -> Iterator[None]:
+    """Thread count and deterministic algorithms for this run, restored afterwards (runs inside tests)."""
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    if t.num_threads:
+        torch.set_num_threads(t.num_threads)
+    torch.use_deterministic_algorithms(t.deterministic or deterministic)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
+
+
+def seed_everything(seed: int, rank: int) -> None:
+    """Same model initialisation on every rank (seed), different mask streams per rank (seed + rank)."""
+    torch.manual_seed(seed)
+    random.seed(seed + rank)
+    np.random.seed(seed + rank)
+
+
+def build_engine(model: torch.nn.Module, t: TrainConfig, world_size: int, device: torch.device) -> Any:
+    """DeepSpeed engine over `model` with AdamW on the model's named parameter groups."""
+    from lsmfm.training import engine as ds
+
+    optimizer = ds.make_optimizer(model.param_groups(t.weight_decay), t.lr, t.betas)
+    precision = ds.resolve_precision(t.precision, device)
+    ds_config = ds.build_ds_config(micro_batch=t.batch_size, grad_accum=t.grad_accum, world_size=world_size,
+                                   zero_stage=t.zero_stage, precision=precision, grad_clip=t.grad_clip)
+    return ds.initialize(model, optimizer, ds_config)
+
+
+class StopRequest:
+    """SIGUSR1 / SIGTERM set a flag; the trainer checkpoints at the next optimizer step and exits."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+
+class Trainer:
+    """Builds model, engine, data stream and logger for one run, then runs the optimizer steps."""
+
+    def __init__(self, cfg: PretrainConfig, out: Path, env: distributed.DistEnv, device: torch.device,
+                 resume: bool) -> None:
+        from lsmfm.models.ssl import SSLModel
+
+        t = cfg.train
+        self.cfg, self.out, self.env, self.device = cfg, out, env, device
+        seed_everything(t.seed, env.rank)
+        self.model = SSLModel(cfg.model).to(device)
+        self.engine = build_engine(self.model, t, env.world_size, device)
+        self.step, self.samples = 0, 0
+        self.rng_state: dict[str, Any] | None = None
+        if resume:
+            self._restore()
+        if env.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, out / "config.yaml")
+        from lsmfm.training.logging import RunLogger
+
+        self.log = RunLogger(out, env.is_main, self.step, t.max_steps)
+        self.stop = StopRequest()
+        self.last: dict[str, Any] = {}
+
+    def _restore(self) -> None:
+        state = checkpoint.load(self.engine, self.out)
+        if state is None:
+            return
+        self.step = int(state["step"])
+        samples = state["samples"]
+        self.samples = int(samples[self.env.rank] if self.env.rank < len(samples) else samples[0])
+        self.model.teacher_updates = int(state["teacher_updates"])
+        rngs = state["rng"]
+        self.rng_state = rngs[self.env.rank] if self.env.rank < len(rngs) else None
+
+    def run(self) -> dict[str, Any]:
+        t = self.cfg.train
+        start, start_step = time.perf_counter(), self.step
+        batches = self._batches()
+        if self.rng_state is not None:  # after the loader drew its base seed, as the interrupted run did
+            checkpoint.restore_rng(self.rng_state)
+        self.stop.install()
+        try:
+            while self.step < t.max_steps:
+                self._optimizer_step(batches)
+                if self._should_stop():
+                    self._checkpoint()
+                    break
+                if self.step % t.checkpoint_every == 0 or self.step == t.max_steps:
+                    self._checkpoint()
+        finally:
+            self.stop.restore()
+            self.log.close()
+        return self._finish(time.perf_counter() - start, self.step - start_step)
+
+    def _batches(self) -> Iterator[dict[str, Any]]:
+        t = self.cfg.train
+        loader = make_loader(self.cfg.data, batch_size=t.batch_size, num_workers=t.num_workers,
+                             rank=self.env.rank, world_size=self.env.world_size, seed=t.seed,
+                             start_index=self.samples)
+        return iter(loader)
+
+    def _optimizer_step(self, batches: Iterator[dict[str, Any]]) -> None:
+        """`grad_accum` micro-batches, one optimizer step, one teacher update; then logging."""
+        from lsmfm.training.engine import set_group_lrs
+
+        t = self.cfg.train
+        base_lr = warmup_cosine(self.step, t.max_steps, t.lr, t.warmup_steps, t.final_lr)
+        lrs = set_group_lrs(self.engine, base_lr, self.model.lr_scales(self.step))
+        momentum = self.model.teacher_momentum(self.step, t.max_steps)
+        sums: dict[str, float] = {}
+        for _ in range(t.grad_accum):
+            output = self._micro_step(next(batches), momentum)
+            for name, value in {"loss": output.loss, **output.terms}.items():
+                sums[name] = sums.get(name, 0.0) + float(value.detach()) / t.grad_accum
+        self.step += 1
+        self._report(sums, output, lrs, momentum)
+
+    def _micro_step(self, batch: dict[str, Any], momentum: float) -> Any:
+        images = batch["image"].to(self.device, non_blocking=True)
+        texts = list(batch["text"]) if self.cfg.model.use_text else None
+        boundary = self.engine.is_gradient_accumulation_boundary()
+        output = self.engine(images, texts, self.step, self.cfg.train.max_steps)
+        self.engine.backward(output.loss)
+        self.engine.step()
+        if boundary:
+            self.model.update_teacher(momentum)
+        self.samples += images.shape[0]
+        return output
+
+    def _report(self, sums: dict[str, float], output: Any, lrs: dict[str, float], momentum: float) -> None:
+        t = self.cfg.train
+        loss = sums.pop("loss")
+        self.last = {"loss": loss, "terms": sums, "monitors": dict(output.monitors)}
+        self.log.step(self.step, loss, sums)
+        if self.step % t.log_every == 0 or self.step == t.max_steps:
+            scalars = {"loss/total": loss, **{f"loss/{k}": v for k, v in sums.items()},
+                       **{f"lr/{k}": v for k, v in lrs.items()}, "schedule/ema_momentum": momentum,
+                       **{f"monitor/{k}": v for k, v in output.monitors.items()}}
+            self.log.scalars(self.step, scalars)
+        if t.image_every and (self.step % t.image_every == 0 or self.step == 1):
+            self.log.images(self.step, output.visuals)
+
+    def _should_stop(self) -> bool:
+        return distributed.any_rank(self.stop.requested, self.device)
+
+    def _checkpoint(self) -> None:
+        samples = distributed.gather_objects(self.samples)
+        state = {"samples": samples, "teacher_updates": int(self.model.teacher_updates),
+                 "config": to_dict(self.cfg), "scheduler": self._schedule_state()}
+        checkpoint.save(self.engine, self.out, self.step, state, keep=self.cfg.train.keep_checkpoints)
+
+    def _schedule_state(self) -> dict[str, Any]:
+        t = self.cfg.train
+        return {"lr": warmup_cosine(self.step, t.max_steps, t.lr, t.warmup_steps, t.final_lr),
+                "ema_momentum": self.model.teacher_momentum(self.step, t.max_steps),
+                "lr_scales": self.model.lr_scales(self.step)}
+
+    def _finish(self, seconds: float, steps: int) -> dict[str, Any]:
+        done = self.out / "metrics.json"
+        if steps == 0 and done.is_file():  # resumed a finished run: nothing new to report
+            return json.loads(done.read_text())
+        metrics = {"step": self.step, **self.last, "teacher_updates": int(self.model.teacher_updates),
+                   "seconds": round(seconds, 3), "seconds_per_step": round(seconds / max(steps, 1), 4),
+                   "stopped_early": self.step < self.cfg.train.max_steps}
+        if self.env.is_main:
+            atomic_write_text(done, json.dumps(metrics, indent=2) + "\n")
+        return metrics
