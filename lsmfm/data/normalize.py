@@ -22,8 +22,13 @@ class NormalizeConfig:
 
 
 def percentile_normalize(x: np.ndarray | torch.Tensor, cfg: NormalizeConfig = NormalizeConfig(),
-                         bounds: tuple[float, float] | None = None) -> np.ndarray | torch.Tensor:
-    """Scale `x` to [0, 1] by its own percentiles, or by precomputed `bounds` (lo, hi) when given."""
+                         bounds: tuple[float, float] | None = None, inplace: bool = False
+                         ) -> np.ndarray | torch.Tensor:
+    """Scale `x` to [0, 1] by its own percentiles, or by precomputed `bounds` (lo, hi) when given.
+
+    `inplace=True` overwrites a float32 NumPy array instead of allocating: on the streaming hot path a
+    copy costs about as much as decoding the patch.
+    """
     if bounds is None:
         if isinstance(x, torch.Tensor):
             flat = x.detach().float().flatten()
@@ -37,5 +42,9 @@ def percentile_normalize(x: np.ndarray | torch.Tensor, cfg: NormalizeConfig = No
     if isinstance(x, torch.Tensor):
         y = (x.float() - lo) * scale
         return y.clamp_(0.0, 1.0) if cfg.clip else y
-    y = (np.asarray(x, dtype=np.float32) - np.float32(lo)) * np.float32(scale)
+    if inplace and not (isinstance(x, np.ndarray) and x.dtype == np.float32):
+        raise TypeError("inplace normalisation needs a float32 NumPy array")
+    y = x if inplace else np.array(x, dtype=np.float32)
+    y -= np.float32(lo)
+    y *= np.float32(scale)
     return np.clip(y, 0.0, 1.0, out=y) if cfg.clip else y

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, IterableDataset, default_collate, get_w
 
 from lsmfm.data.augment import AugmentConfig, Augmenter
 from lsmfm.data.chunk_reader import ChunkReader, open_reader
-from lsmfm.data.normalize import NormalizeConfig
+from lsmfm.data.normalize import NormalizeConfig, percentile_normalize
 from lsmfm.data.sampling import (ForegroundConfig, ForegroundMap, ImagePlan, choose_position, choose_weighted,
                                  plan_image, sample_rng, worker_indices)
 from lsmfm.errors import InputError
@@ -142,7 +142,7 @@ class PatchStream(IterableDataset):
         draw = self.locate(index)
         region = self._worker_state().read(draw.image, draw.start)
         bounds = draw.image.bounds if cfg.normalize.source == "store" else None
-        x = torch.from_numpy(_normalize_inplace(region, cfg.normalize, bounds))[None]
+        x = torch.from_numpy(percentile_normalize(region, cfg.normalize, bounds, inplace=True))[None]
         if tuple(x.shape[1:]) != tuple(cfg.patch_size):
             x = _resize(x, cfg.patch_size)
         x = self.augment(x, draw.augment_seed)
@@ -200,15 +200,6 @@ def _subsample_bounds(coarse: Any, image: ImagePlan) -> tuple[float, float]:
     sample = np.asarray(coarse[::step, ::step, ::step].compute(scheduler="synchronous"), dtype=np.float32)
     lo, hi = np.percentile(sample, [image.percentiles[0], image.percentiles[1]])
     return float(lo), float(hi)
-
-
-def _normalize_inplace(x: np.ndarray, cfg: NormalizeConfig, bounds: tuple[float, float] | None) -> np.ndarray:
-    """`percentile_normalize` on a float32 array, in place: the same formula without its two temporary
-    copies, which cost as much as decoding the patch (tests check both give the same values)."""
-    lo, hi = bounds if bounds is not None else (float(v) for v in np.percentile(x, [cfg.lower, cfg.upper]))
-    x -= np.float32(lo)
-    x *= np.float32(1.0 / max(hi - lo, 1e-6))
-    return np.clip(x, 0.0, 1.0, out=x) if cfg.clip else x
 
 
 def _pick_text(rng: np.random.Generator, descriptions: list[str], cfg: TextConfig) -> str:
