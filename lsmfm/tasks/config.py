@@ -1,0 +1,220 @@
+"""Typed config of `lsmfm finetune`: data, the few-shot protocol, training, and one section per task.
+
+Each task has its own config class (the common keys plus its section), so a key of another task is an
+unknown-key error. Relative paths are relative to the current directory (run from the repository root).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from lsmfm.data.normalize import NormalizeConfig
+from lsmfm.models.backbones import BackboneConfig
+
+
+@dataclass
+class DataConfig:
+    """Where the labelled patches are and how big the training crops are.
+
+    Args:
+        train_dir, val_dir, test_dir: folders of `<stem>.<ext>` images with `<stem>_label.<ext>` masks
+            (and `<stem>_blurred.<ext>` for deblur); ext is .nii.gz, .nii, .tif, .tiff or .zarr.
+        catalog: instead of folders, a catalog YAML whose entries carry label stores; entries are split
+            by `train_ids`, `val_ids`, `test_ids`.
+        patch_size: training crop size (z, y, x); empty: the pretrained model's.
+        sw_size, sw_overlap: the Gaussian-blended sliding window that scores whole val/test images
+            (size empty: patch_size; a larger window is faster for convolutional backbones).
+    """
+
+    train_dir: str = ""
+    val_dir: str = ""
+    test_dir: str = ""
+    catalog: str = ""
+    train_ids: list[str] = field(default_factory=list)
+    val_ids: list[str] = field(default_factory=list)
+    test_ids: list[str] = field(default_factory=list)
+    patch_size: list[int] = field(default_factory=list)
+    sw_size: list[int] = field(default_factory=list)
+    sw_overlap: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.catalog and (self.train_dir or self.val_dir or self.test_dir):
+            raise ValueError("set either data.catalog (with data.*_ids) or data.train_dir/val_dir/test_dir, "
+                             "not both")
+        for name in ("patch_size", "sw_size"):
+            size = getattr(self, name)
+            if size and (len(size) != 3 or min(size) < 1):
+                raise ValueError(f"data.{name} must be three positive sizes (z, y, x), got {size}")
+        if not 0.0 <= self.sw_overlap < 1.0:
+            raise ValueError(f"data.sw_overlap must be in [0, 1), got {self.sw_overlap}")
+
+
+@dataclass
+class TrainConfig:
+    """One training run (a single shots/seed/init); the same budget for pretrained and scratch.
+
+    Args:
+        mode: "linear" (backbone frozen, head only), "staged" (head alone for `head_steps`, then the
+            encoder too at lr * encoder_lr_scale), "full" (everything from the start, encoder at
+            lr * encoder_lr_scale).
+        patience: validations without improvement before early stopping (0: never stop early).
+        val_every: steps between validations (the best validated weights are kept).
+    """
+
+    mode: Literal["linear", "staged", "full"] = "staged"
+    max_steps: int = 300
+    lr: float = 1e-3
+    encoder_lr_scale: float = 0.1
+    head_steps: int = 50
+    batch_size: int = 2
+    weight_decay: float = 1e-4
+    patience: int = 5
+    val_every: int = 25
+    flips: bool = True
+
+    def __post_init__(self) -> None:
+        if min(self.max_steps, self.batch_size, self.val_every) < 1:
+            raise ValueError("train.max_steps, train.batch_size and train.val_every must be >= 1")
+        if self.lr <= 0 or self.encoder_lr_scale < 0:
+            raise ValueError("train.lr must be > 0 and train.encoder_lr_scale >= 0")
+        if self.head_steps < 0 or self.patience < 0:
+            raise ValueError("train.head_steps and train.patience must be >= 0")
+
+
+@dataclass
+class SegmentConfig:
+    """Binary segmentation: Dice + BCE (or focal) + soft-clDice on foreground = label."""
+
+    binarize: bool = False
+    dice_weight: float = 1.0
+    bce_weight: float = 1.0
+    focal: bool = False
+    cldice_weight: float = 0.5
+    cldice_iters: int = 3
+    threshold: float = 0.5
+
+    def __post_init__(self) -> None:
+        weights = (self.dice_weight, self.bce_weight, self.cldice_weight)
+        if min(weights) < 0 or sum(weights) <= 0:
+            raise ValueError(f"segment loss weights must be >= 0 with a positive sum, got {weights}")
+        if self.cldice_iters < 0 or not 0.0 < self.threshold < 1.0:
+            raise ValueError("segment.cldice_iters must be >= 0 and segment.threshold in (0, 1)")
+
+
+@dataclass
+class ClassifyConfig:
+    """Patch classification.
+
+    Args:
+        class_pattern: regular expression on the file name whose first group is the class
+            (the sample data: the structure name before `_patch_`).
+        class_field: catalog field holding the class (with data.catalog) instead of the pattern.
+        per_class: `shots` counts patches per class (N-way K-shot); false: patches in all.
+        head: "linear" or "mlp" on the pooled encoder features.
+        balanced: weight the cross-entropy of each class by its inverse frequency in the training patches.
+    """
+
+    class_pattern: str = r"^(.+?)_patch_"
+    class_field: str = "class_label"
+    per_class: bool = True
+    head: Literal["linear", "mlp"] = "linear"
+    hidden: int = 128
+    balanced: bool = True
+
+    def __post_init__(self) -> None:
+        if self.hidden < 1:
+            raise ValueError(f"classify.hidden must be >= 1, got {self.hidden}")
+
+
+@dataclass
+class DeblurConfig:
+    """Residual deblurring, L1 + SSIM loss.
+
+    Args:
+        pairs: "files" reads `<stem>_blurred` next to each image; "synthetic" blurs the sharp image with
+            an anisotropic Gaussian PSF (`psf_sigma` in voxels, z y x: light-sheet-like, longest along z)
+            and adds Poisson-Gaussian noise (`photons` expected at the 99.5th percentile intensity, read
+            noise `read_noise` as a fraction of it), once per image with a seed from its file name.
+    """
+
+    pairs: Literal["files", "synthetic"] = "files"
+    psf_sigma: list[float] = field(default_factory=lambda: [2.5, 1.0, 1.0])
+    photons: float = 200.0
+    read_noise: float = 0.01
+    l1_weight: float = 1.0
+    ssim_weight: float = 0.5
+
+    def __post_init__(self) -> None:
+        if len(self.psf_sigma) != 3 or min(self.psf_sigma) < 0:
+            raise ValueError(f"deblur.psf_sigma must be three non-negative sigmas (z, y, x), got "
+                             f"{self.psf_sigma}")
+        if self.photons <= 0 or self.read_noise < 0:
+            raise ValueError("deblur.photons must be > 0 and deblur.read_noise >= 0")
+        if min(self.l1_weight, self.ssim_weight) < 0 or self.l1_weight + self.ssim_weight <= 0:
+            raise ValueError("deblur.l1_weight and deblur.ssim_weight must be >= 0 with a positive sum")
+
+
+@dataclass
+class FinetuneConfig:
+    """Keys shared by every task.
+
+    Args:
+        init: "pretrained", "scratch" or "both" (each shots/seed trained from both at the same budget).
+        pretrained: a `lsmfm.load_pretrained` source (folder, file, hf-hub:org/name or release name).
+        backbone: architecture of scratch models when no pretrained model is given (else the checkpoint's).
+        normalize: intensity normalisation; empty: the pretrained model's recorded one (as in pretraining).
+        keep: "best" keeps the model and test predictions of the best-validated seed per (shots, init),
+            "all" of every run; results.csv always has every run.
+        prediction_format: "nifti" or "zarr" (OME-Zarr) for segmentation and deblur predictions.
+        device: "auto" (CUDA when available, else CPU), "cpu", "cuda" or "cuda:N".
+    """
+
+    data: DataConfig = field(default_factory=DataConfig)
+    shots: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    init: Literal["pretrained", "scratch", "both"] = "both"
+    pretrained: str = ""
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    normalize: NormalizeConfig | None = None
+    train: TrainConfig = field(default_factory=TrainConfig)
+    keep: Literal["best", "all"] = "best"
+    prediction_format: Literal["nifti", "zarr"] = "nifti"
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if not self.shots or min(self.shots) < 1:
+            raise ValueError(f"shots must be a non-empty list of positive counts, got {self.shots}")
+        if not self.seeds:
+            raise ValueError("seeds must not be empty")
+        if len(set(self.shots)) != len(self.shots) or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"shots {self.shots} and seeds {self.seeds} must not repeat")
+        if self.init in ("pretrained", "both") and not self.pretrained:
+            raise ValueError(f"init={self.init} needs `pretrained` (a load_pretrained source)")
+
+    @property
+    def inits(self) -> list[str]:
+        return ["pretrained", "scratch"] if self.init == "both" else [self.init]
+
+
+@dataclass
+class SegmentFinetuneConfig(FinetuneConfig):
+    segment: SegmentConfig = field(default_factory=SegmentConfig)
+
+
+@dataclass
+class ClassifyFinetuneConfig(FinetuneConfig):
+    classify: ClassifyConfig = field(default_factory=ClassifyConfig)
+
+
+@dataclass
+class DeblurFinetuneConfig(FinetuneConfig):
+    deblur: DeblurConfig = field(default_factory=DeblurConfig)
+
+
+CONFIG_CLASSES: dict[str, type[FinetuneConfig]] = {
+    "segment": SegmentFinetuneConfig,
+    "classify": ClassifyFinetuneConfig,
+    "deblur": DeblurFinetuneConfig,
+}

@@ -1,0 +1,235 @@
+"""The few-shot protocol: every (shots, seed, init) trained with the same budget and scored on the test set.
+
+`plan_fewshot` loads the pretrained model and every patch and checks them (shapes, labels, shots against
+the training set, patch size against the data) before anything is written. `run_fewshot` then writes:
+
+    RUN_DIR/config.yaml               the resolved config
+    RUN_DIR/results.csv               one row per (shots, seed, init): test metrics, val score, steps
+    RUN_DIR/metrics.json              the rows and mean/std/min/max across seeds per (init, shots)
+    RUN_DIR/per_image.csv             test metrics of every image in every run
+    RUN_DIR/<metric>_vs_shots.png     each metric versus shots, pretrained against scratch, min-max spread
+    RUN_DIR/tb/<init>_shots<k>_seed<s>/   TensorBoard logs of each run
+    RUN_DIR/<init>/shots<k>_seed<s>/  kept runs: model/ (safetensors + config.json, head included) and
+                                      predictions/ of the test set (keep=best: the best-validated seed
+                                      per (shots, init); keep=all: every run)
+
+results.csv, metrics.json and per_image.csv are rewritten (atomically) after every run, so an interrupted
+protocol leaves the finished runs readable.
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import dataclasses
+import io
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lsmfm.config import save_config
+from lsmfm.data.normalize import NormalizeConfig
+from lsmfm.errors import ConfigError, InputError
+from lsmfm.io.atomic import atomic_dir, atomic_write_text
+from lsmfm.models.backbones import BackboneConfig, build_backbone
+from lsmfm.tasks.base import Example, FinetuneTask, Geometry, Scores
+from lsmfm.tasks.config import FinetuneConfig
+from lsmfm.tasks.data import Patch, check_channels, check_fits
+
+
+def build_task(task: str, cfg: FinetuneConfig) -> FinetuneTask:
+    """The task object for `task`, configured by its section of `cfg`."""
+    from lsmfm.tasks.classify import ClassifyTask
+    from lsmfm.tasks.deblur import DeblurTask
+    from lsmfm.tasks.segment import SegmentTask
+
+    classes = {"segment": SegmentTask, "classify": ClassifyTask, "deblur": DeblurTask}
+    if task not in classes:
+        raise ConfigError(f"unknown task {task!r}; expected one of {', '.join(classes)}")
+    return classes[task](getattr(cfg, task))
+
+
+@dataclass
+class Plan:
+    """Everything a protocol run needs, checked: the task, data, backbone source and run list."""
+
+    task: FinetuneTask
+    cfg: FinetuneConfig
+    backbone_config: BackboneConfig
+    model_config: Any  # lsmfm.weights ModelConfig template of the finetuned models
+    normalize: NormalizeConfig
+    geometry: Geometry
+    splits: dict[str, list[Patch]]
+    subsets: dict[tuple[int, int], list[int]]
+    pretrained: nn.Module | None = None
+    runs: list[tuple[int, int, str]] = field(default_factory=list)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+
+def plan_fewshot(task_name: str, cfg: FinetuneConfig) -> Plan:
+    """Load and check the pretrained model and every patch; raise before any output exists."""
+    task = build_task(task_name, cfg)
+    device = resolve_device(cfg.device)
+    pretrained = _load_pretrained(cfg)
+    recorded = pretrained.lsmfm_config if pretrained is not None else None
+    backbone_cfg = recorded.backbone if recorded is not None else cfg.backbone
+    normalize = _normalize(cfg, recorded)
+    roi, origin = _roi(cfg, recorded)
+    geometry = Geometry(roi, tuple(cfg.data.sw_size) if cfg.data.sw_size else roi, cfg.data.sw_overlap)
+    splits = {name: task.load_split(cfg.data, name) for name in ("train", "val", "test")}
+    task.setup(splits["train"], splits["val"] + splits["test"])
+    check_channels(splits, backbone_cfg.in_channels)
+    check_fits(splits["train"], roi, backbone_cfg.size_multiple, origin)
+    check_fits([], geometry.window, backbone_cfg.size_multiple, "data.sw_size")
+    source = cfg.data.train_dir or f"{cfg.data.catalog} (train_ids)"
+    subsets = {(k, s): task.subset(splits["train"], k, s, source) for k in cfg.shots for s in cfg.seeds}
+    model_config = _model_config(recorded, backbone_cfg, roi, normalize, splits["train"][0].voxel_size)
+    runs = [(k, s, init) for k in cfg.shots for s in cfg.seeds for init in cfg.inits]
+    return Plan(task, cfg, backbone_cfg, model_config, normalize, geometry, splits, subsets, pretrained, runs,
+                device)
+
+
+def _load_pretrained(cfg: FinetuneConfig) -> nn.Module | None:
+    if not cfg.pretrained:
+        return None
+    import lsmfm
+
+    return lsmfm.load_pretrained(cfg.pretrained)
+
+
+def _normalize(cfg: FinetuneConfig, recorded: Any) -> NormalizeConfig:
+    """The pretrained model's recorded normalisation; an explicit different one is an error."""
+    if recorded is not None and cfg.normalize is not None and cfg.normalize != recorded.normalize:
+        raise ConfigError(f"normalize {cfg.normalize} differs from the pretrained model's "
+                          f"{recorded.normalize} ({cfg.pretrained}); finetuning must normalise as "
+                          "pretraining did: drop `normalize`")
+    if recorded is not None:
+        return recorded.normalize
+    return cfg.normalize or NormalizeConfig()
+
+
+def _roi(cfg: FinetuneConfig, recorded: Any) -> tuple[tuple[int, int, int], str]:
+    if cfg.data.patch_size:
+        return tuple(cfg.data.patch_size), "data.patch_size"  # type: ignore[return-value]
+    if recorded is not None:
+        origin = f"patch size of the pretrained model {cfg.pretrained}"
+        return tuple(int(s) for s in recorded.patch_size), origin  # type: ignore[return-value]
+    raise ConfigError("data.patch_size is required when no pretrained model is given")
+
+
+def _model_config(recorded: Any, backbone_cfg: BackboneConfig, roi: tuple[int, int, int],
+                  normalize: NormalizeConfig, voxel_size: tuple[float, float, float]) -> Any:
+    """What the finetuned models record: the pretrained model's config (provenance, voxel size) with
+    this run's patch size, or a fresh one for scratch-only runs."""
+    from lsmfm.weights.format import ModelConfig
+
+    if recorded is not None:
+        return dataclasses.replace(recorded, patch_size=list(roi), normalize=normalize)
+    return ModelConfig(backbone=backbone_cfg, patch_size=list(roi), voxel_size=list(voxel_size),
+                       normalize=normalize)
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto`: the first CUDA device when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={name} but CUDA is not available here; use device=cpu or auto")
+    return torch.device(name)
+
+
+def check_run_dir(out_dir: Path) -> None:
+    """RUN_DIR must be new (or empty): results of two protocols never mix."""
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise InputError(out_dir, "run folder already exists and is not empty; choose a new --out")
+
+
+def run_fewshot(plan: Plan, out_dir: str | Path) -> list[dict[str, Any]]:
+    """Train and score every (shots, seed, init) of `plan`; returns the results.csv rows."""
+    from tqdm.auto import tqdm
+
+    from lsmfm.tasks.results import plot_metrics
+
+    out_dir = Path(out_dir)
+    check_run_dir(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_config(plan.cfg, out_dir / "config.yaml")
+    examples = {name: [plan.task.prepare(p, plan.normalize) for p in patches]
+                for name, patches in plan.splits.items()}
+    rows: list[dict[str, Any]] = []
+    per_image: list[dict[str, Any]] = []
+    kept: dict[tuple[int, str], dict[str, Any]] = {}
+    runs = tqdm(plan.runs, desc=f"finetune {plan.task.name}", unit="run", dynamic_ncols=True)
+    for shots, seed, init in runs:
+        name = f"{init}_shots{shots}_seed{seed}"
+        train = [examples["train"][i] for i in plan.subsets[(shots, seed)]]
+        model, result = _train_one(plan, init, seed, train, examples["val"], out_dir / "tb" / name, name)
+        scores = plan.task.score(model, examples["test"], plan.geometry.window, plan.geometry.overlap)
+        row = {"shots": shots, "seed": seed, "init": init, **scores.metrics,
+               f"val_{plan.task.val_metric}": result.val_score, "best_step": result.best_step,
+               "steps": result.steps, "train_patches": " ".join(ex.patch.stem for ex in train)}
+        rows.append(row)
+        per_image += [{"shots": shots, "seed": seed, "init": init, **r} for r in scores.per_image]
+        _keep(plan, out_dir, kept, row, model, scores, examples["test"])
+        _write_tables(out_dir, rows, per_image, plan.task.metrics)
+    plot_metrics(out_dir, rows, plan.task.metrics, title=f"{plan.task.name}: pretrained vs scratch")
+    return rows
+
+
+def _train_one(plan: Plan, init: str, seed: int, train: list[Example], val: list[Example], log_dir: Path,
+               desc: str):
+    from lsmfm.tasks.models import build_task_model
+    from lsmfm.tasks.train import train_run
+
+    torch.manual_seed(seed)
+    if init == "pretrained":
+        assert plan.pretrained is not None
+        backbone = copy.deepcopy(plan.pretrained)
+    else:
+        backbone = build_backbone(plan.backbone_config)
+    model = build_task_model(plan.task.name, backbone, plan.task.head_config()).to(plan.device)
+    plan.task.begin_run(train)
+    result = train_run(model, plan.task, train, val, plan.cfg.train, plan.geometry, seed, log_dir=log_dir,
+                       desc=desc)
+    return model, result
+
+
+def _keep(plan: Plan, out_dir: Path, kept: dict[tuple[int, str], dict[str, Any]], row: dict[str, Any],
+          model: nn.Module, scores: Scores, test: list[Example]) -> None:
+    """Save the run's model and test predictions if keep=all, or if it is the best-validated seed so far."""
+    key = (int(row["shots"]), str(row["init"]))
+    score = row[f"val_{plan.task.val_metric}"]
+    previous = kept.get(key)
+    if plan.cfg.keep == "best" and previous is not None and not score > previous["score"]:
+        return
+    target = out_dir / str(row["init"]) / f"shots{row['shots']}_seed{row['seed']}"
+    save_run(plan, model, scores, test, target)
+    if plan.cfg.keep == "best" and previous is not None:
+        shutil.rmtree(previous["dir"], ignore_errors=True)
+    kept[key] = {"score": score, "dir": target}
+
+
+def save_run(plan: Plan, model: nn.Module, scores: Scores, test: list[Example], target: Path) -> None:
+    """`target/model` (finetuned model folder) and `target/predictions`, written atomically."""
+    from lsmfm.tasks.models import save_task_model
+
+    with atomic_dir(target, overwrite=True) as tmp:
+        save_task_model(model, tmp / "model", plan.model_config, **plan.task.model_fields())
+        (tmp / "predictions").mkdir()
+        plan.task.write_predictions(scores, test, tmp / "predictions", plan.cfg.prediction_format)
+
+
+def _write_tables(out_dir: Path, rows: list[dict[str, Any]], per_image: list[dict[str, Any]],
+                  metrics: tuple[str, ...]) -> None:
+    from lsmfm.tasks.results import write_results
+
+    write_results(out_dir, rows, list(metrics))
+    buf = io.StringIO()
+    columns = list(dict.fromkeys(k for r in per_image for k in r))
+    writer = csv.DictWriter(buf, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(per_image)
+    atomic_write_text(out_dir / "per_image.csv", buf.getvalue())
