@@ -1,0 +1,83 @@
+"""`lsmfm demo`: the embedded default, end to end on synthetic data, on one CPU, with no network.
+
+It runs the same subcommands a user would, in order, so the demo doubles as a worked example:
+synth -> ingest (catalog) -> stream -> pretrain -> export -> finetune segment (pretrained vs scratch)
+-> predict on a whole volume.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import time
+from pathlib import Path
+
+from lsmfm.errors import LsmfmError
+
+REPO = Path(__file__).resolve().parents[2]
+MARKER = ".lsmfm-demo"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder (default runs/demo)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--pretrain-steps", type=int, default=None, help="override the tiny recipe's steps")
+
+
+def _stage(title: str, argv: list[str]) -> None:
+    from lsmfm.cli.main import main
+
+    print(f"\n=== {title}\n$ lsmfm {' '.join(argv)}", flush=True)
+    start = time.perf_counter()
+    rc = main(argv)
+    if rc != 0:
+        raise LsmfmError(f"demo stage '{title}' failed with exit code {rc}")
+    print(f"--- {title}: {time.perf_counter() - start:.1f} s", flush=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    from lsmfm.data.synthetic import write_demo_catalog
+
+    out: Path = args.out
+    _reset_demo_dir(out)
+    synth, stores = out / "synth", out / "stores"
+    _stage("1/7 generate synthetic light-sheet volumes", ["synth", "--out", str(synth), "--seed", str(args.seed)])
+    catalog = write_demo_catalog(out / "catalog.yaml", synth, stores)
+    _stage("2/7 ingest into OME-Zarr (catalog)", ["catalog", "ingest", str(catalog)])
+    _stage("3/7 stream patches", ["stream", "--catalog", str(catalog), "--patch", "32", "--batch", "4",
+                                  "--n", "25", "--seed", str(args.seed)])
+    pretrain = ["pretrain", "--config", str(REPO / "pretrain" / "tiny.yaml"), "--out", str(out / "pretrain"),
+                f"data.catalogs=[{catalog}]"]
+    if args.pretrain_steps is not None:
+        pretrain.append(f"train.max_steps={args.pretrain_steps}")
+    _stage("4/7 pretrain (student-teacher, masked reconstruction + distillation + CLIP)", pretrain)
+    _stage("5/7 export the teacher backbone", ["export", str(out / "pretrain"), "--out", str(out / "weights")])
+    ft = synth / "finetune"
+    _stage("6/7 few-shot segmentation: pretrained vs scratch",
+           ["finetune", "segment", "--config", str(REPO / "finetune" / "demo_segment.yaml"),
+            "--out", str(out / "finetune_segment"), f"pretrained={out / 'weights'}",
+            f"data.train_dir={ft / 'train'}", f"data.val_dir={ft / 'val'}", f"data.test_dir={ft / 'test'}"])
+    model = _largest_shot_model(out / "finetune_segment" / "pretrained")
+    _stage("7/7 whole-volume prediction (sliding window, out of core)",
+           ["predict", "--model", str(model), "--input", str(stores / "synth_01_vessels.zarr"),
+            "--out", str(out / "prediction.zarr"), "--block", "64", "--overwrite"])
+    print(f"\nDemo finished. Outputs under {out}/ (plots: {out / 'finetune_segment'}/*_vs_shots.png, "
+          f"prediction: {out / 'prediction.zarr'})")
+    return 0
+
+
+def _reset_demo_dir(out: Path) -> None:
+    """Start from an empty folder; only a folder an earlier demo made (it holds MARKER) is ever removed."""
+    if out.exists() and any(out.iterdir()):
+        if not (out / MARKER).exists():
+            raise LsmfmError(f"{out}: folder exists and was not made by `lsmfm demo`; choose another --out")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text("made by `lsmfm demo`; the next demo run replaces this folder\n")
+
+
+def _largest_shot_model(runs: Path) -> Path:
+    """The saved model of the run with the most training shots (folders are named shots<N>_seed<S>)."""
+    models = sorted(runs.glob("shots*_seed*/model"), key=lambda p: int(p.parent.name[5:].split("_")[0]))
+    if not models:
+        raise LsmfmError(f"{runs}: no finetuned model was saved")
+    return models[-1]
