@@ -230,13 +230,13 @@ def test_loading_stays_light(tiny_dir):
 
 def test_readme_snippet_runs(tmp_path, monkeypatch):
     """The docs' Python snippet, run as written against a folder made where it expects one."""
-    text = (REPO / "docs" / "sections" / "weights.md").read_text()
+    text = (REPO / "README.md").read_text()
     blocks = re.findall(r"<!-- test: run -->\n```python\n(.*?)```", text, flags=re.S)
-    assert blocks, "no runnable snippet marked in docs/sections/weights.md"
+    assert blocks, "no runnable snippet marked in README.md"
     monkeypatch.chdir(tmp_path)
     save_pretrained(build_backbone(BackboneConfig(channels=[4, 8, 16], strides=[2, 2], out_channels=8)),
                     "runs/exported", patch_size=[32, 32, 32])
     for code in blocks:
         scope: dict = {}
-        exec(compile(code, "weights.md", "exec"), scope)
+        exec(compile(code, "README.md", "exec"), scope)
         assert scope["features"].shape == (1, 8, 32, 32, 32) and scope["embedding"].shape == (1, 8)
