@@ -4,7 +4,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 
 WORDS = ("mouse brain cleared light sheet nuclei stain gfap astrocytes vessels tdtomato viral gfp th dbh "
@@ -37,11 +36,3 @@ def blobs(n: int, size: int = 32, seed: int = 0) -> torch.Tensor:
             out[i, 0] += np.exp(-((zz - c[0]) ** 2 + (yy - c[1]) ** 2 + (xx - c[2]) ** 2) / (2 * r * r))
     return torch.from_numpy(np.clip(out, 0, 1))
 
-
-@pytest.fixture
-def one_thread():
-    """Tiny models run faster on one thread, and are immune to OpenMP spinning when cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)

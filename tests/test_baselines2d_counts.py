@@ -13,16 +13,6 @@ from lsmfm.baselines2d.build import build_model, count_parameters, prepare
 from lsmfm.baselines2d.config import ModelConfig, PeftConfig
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, and a shared CPU makes multi-threaded tiny ops crawl."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def sam_vit_b() -> torch.nn.Module:

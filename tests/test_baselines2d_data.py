@@ -23,16 +23,6 @@ from lsmfm.data.normalize import NormalizeConfig
 from lsmfm.errors import InputError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, and a shared CPU makes multi-threaded tiny ops crawl."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def write_png(path, array):
     path.parent.mkdir(parents=True, exist_ok=True)

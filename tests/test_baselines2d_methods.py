@@ -71,16 +71,6 @@ CASES = [
 ADDITIVE = ["lora", "adaptformer", "ssf", "fact"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, and a shared CPU makes multi-threaded tiny ops crawl."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def qlora_unavailable() -> str:
     """Why QLoRA cannot run here ('' when it can): bitsandbytes missing or without a CPU 4-bit backend."""

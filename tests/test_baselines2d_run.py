@@ -52,16 +52,6 @@ DATASETS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, and a shared CPU makes multi-threaded tiny ops crawl."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def run_cli(config: str, dataset: str, root: Path, out: Path, *extra: str) -> list[dict[str, str]]:
     overrides = [o.format(root=root) for o in DATASETS[dataset]] + TINY + list(extra)

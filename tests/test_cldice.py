@@ -13,14 +13,6 @@ from lsmfm.losses.segmentation import SegmentationLoss
 from lsmfm.tasks.metrics import cldice_score, dice_score
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on 2 shared cores, two spinning threads make tiny pooling ops ~100x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def t5(a: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.asarray(a, dtype=np.float32))[None, None]

@@ -69,14 +69,6 @@ def in_memory_reference(model, volume, bounds=None):
     return torch.sigmoid(y)[0].numpy()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on 2 shared cores, two spinning threads make tiny convs ~20x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def seg_model(tmp_path_factory):

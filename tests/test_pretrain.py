@@ -11,7 +11,6 @@ import torch
 from pretrain_helpers import REPO, TINY, cli, synthetic_catalog, tiny_overrides
 
 from lsmfm.config import load_config
-from lsmfm.training import checkpoint
 from lsmfm.training.logging import read_jsonl
 from lsmfm.training.pretrain import PretrainConfig, pretrain
 

@@ -13,12 +13,11 @@ from lsmfm.models.heads import ProjectionHead, ReconstructionHead
 from lsmfm.models.masking import MaskConfig
 from lsmfm.models.ssl import ClipConfig, DistillConfig, SSLConfig, SSLModel
 from lsmfm.models.text import TextConfig
-from ssl_helpers import blobs, one_thread, write_tiny_bert  # noqa: F401 (fixture)
+from ssl_helpers import blobs, write_tiny_bert
 
 TEXTS = ["bright round nuclei, dense", "sparse gfap astrocytes"]
 BACKBONE = BackboneConfig(channels=[8, 16, 32], strides=[2, 2], out_channels=16)
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -274,5 +274,5 @@ def test_chunk_reader_matches_zarr(tmp_path):
     as_float = reader.read((0, slice(3, 12), slice(7, 25), slice(5, 17)), np.float32)
     assert as_float.dtype == np.float32
     assert np.array_equal(as_float, data[0, 3:12, 7:25, 5:17].astype(np.float32))
-    plain = zarr.create_array(str(tmp_path / "b"), shape=(4, 4), chunks=(2, 2), dtype="f4", compressors=None)
+    zarr.create_array(str(tmp_path / "b"), shape=(4, 4), chunks=(2, 2), dtype="f4", compressors=None)
     assert isinstance(open_reader(tmp_path / "b"), zarr.Array)  # other layouts read through zarr

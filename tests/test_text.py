@@ -10,12 +10,11 @@ from lsmfm.errors import ConfigError
 from lsmfm.models.backbones import BackboneConfig
 from lsmfm.models.ssl import ClipConfig, DistillConfig, SSLConfig, SSLModel
 from lsmfm.models.text import TextConfig, TextEncoder, mean_pool, transformer_layers
-from ssl_helpers import one_thread, write_tiny_bert  # noqa: F401 (fixture)
+from ssl_helpers import write_tiny_bert
 
 SHORT = "gfap astrocytes"
 LONG = "cleared mouse brain light sheet nuclei stain with dense bright cells in the cortex and sparse fibres"
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
