@@ -1,0 +1,41 @@
+"""`lsmfm demo`, the embedded default, run as a user runs it (shortened pretraining)."""
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+
+import pytest
+
+from lsmfm.cli.main import main
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end(tmp_path):
+    out = tmp_path / "demo"
+    cmd = [sys.executable, "-m", "lsmfm.cli.main", "demo", "--out", str(out), "--pretrain-steps", "4"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    with open(out / "finetune_segment" / "results.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert {r["init"] for r in rows} == {"pretrained", "scratch"}
+    assert all(0.0 <= float(r["dice"]) <= 1.0 for r in rows)
+    assert (out / "weights" / "model.safetensors").is_file()
+    assert (out / "prediction.zarr" / "labels" / "mask").is_dir()
+    assert "Demo finished" in done.stdout
+
+
+def test_demo_replaces_its_own_earlier_output(tmp_path):
+    from lsmfm.cli.demo import MARKER, _reset_demo_dir
+
+    _reset_demo_dir(tmp_path / "demo")
+    (tmp_path / "demo" / "old_run.txt").write_text("stale")
+    _reset_demo_dir(tmp_path / "demo")
+    assert sorted(p.name for p in (tmp_path / "demo").iterdir()) == [MARKER]
+
+
+def test_demo_refuses_a_folder_it_did_not_make(tmp_path, capsys):
+    (tmp_path / "precious.txt").write_text("keep me")
+    assert main(["demo", "--out", str(tmp_path)]) == 2
+    assert "was not made by `lsmfm demo`" in capsys.readouterr().err
+    assert (tmp_path / "precious.txt").read_text() == "keep me"
