@@ -116,3 +116,15 @@ def test_overrides_accepted_after_options(tmp_path, monkeypatch):
     assert args.out == "x" and args.overrides == ["a.b=1", "c=2", "d.e=[1,2]"]
     with pytest.raises(SystemExit):
         parse_with_overrides(parser, ["--out", "x", "--bogus"])
+
+
+def test_replace_dir_swaps_only_when_complete(tmp_path):
+    from lsmfm.io.atomic import replace_dir
+
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "old.txt").write_text("old")
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new" / "new.txt").write_text("new")
+    replace_dir(tmp_path / "new", tmp_path / "out")
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["new.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

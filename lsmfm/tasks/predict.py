@@ -19,7 +19,6 @@ Outputs (`<out>.partial` while running, renamed to `<out>` at the end):
 from __future__ import annotations
 
 import math
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ import torch
 
 from lsmfm.data.normalize import NormalizeConfig, percentile_normalize
 from lsmfm.errors import ConfigError, InputError
+from lsmfm.io.atomic import replace_dir
 from lsmfm.io.volumes import Volume, open_volume
 
 SUBSAMPLE_VOXELS = 2_000_000
@@ -234,7 +234,7 @@ def predict_volume(model_dir: str | Path, input_path: str | Path, out_path: str 
                                     progress)
         seconds = time.perf_counter() - start
         write_metadata(partial, out.name, volume.voxel_size, info, segment=model.task == "segment")
-        _commit(partial, out)
+        replace_dir(partial, out)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
@@ -320,15 +320,3 @@ def write_metadata(path: Path, name: str, voxel_size: tuple[float, float, float]
         write_ome(root["labels"], {"labels": ["mask"]})
     write_ome(root, {"multiscales": [multiscales_metadata(name, voxel_size, [], "none")]},
               extra={"lsmfm": {"prediction": info}})
-
-
-def _commit(partial: Path, out: Path) -> None:
-    """Move the finished store into place, replacing an old one only now."""
-    if out.exists():
-        old = out.with_name(out.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-        os.replace(partial, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(partial, out)
