@@ -128,3 +128,29 @@ def test_replace_dir_swaps_only_when_complete(tmp_path):
     replace_dir(tmp_path / "new", tmp_path / "out")
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["new.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_resolve_device(monkeypatch):
+    import torch
+
+    from lsmfm.device import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ConfigError, match="device=cuda:1 but CUDA is not available"):
+        resolve_device("cuda:1")
+
+
+def test_normalize_channels_scales_each_channel_on_its_own():
+    from lsmfm.data.normalize import NormalizeConfig, normalize_channels
+
+    image = np.stack([np.arange(100, dtype=np.uint16).reshape(1, 10, 10),
+                      1000 + 10 * np.arange(100, dtype=np.uint16).reshape(1, 10, 10)])
+    out = normalize_channels(image, NormalizeConfig(lower=0.0, upper=100.0))
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out[0], out[1], rtol=1e-6)
+    assert out.min() == 0.0 and out.max() == 1.0
+    fixed = normalize_channels(image, NormalizeConfig(), bounds=[(0.0, 198.0), (1000.0, 1990.0)])
+    np.testing.assert_allclose(fixed[0, 0, 0, :2], [0.0, 1 / 198], rtol=1e-6)
+    np.testing.assert_allclose(fixed[1, 0, 0, :2], [0.0, 10 / 990], rtol=1e-6)

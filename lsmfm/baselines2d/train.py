@@ -24,7 +24,8 @@ from lsmfm.baselines2d.data import Case, load_splits, training_slices
 from lsmfm.baselines2d.evaluate import METRICS, evaluate
 from lsmfm.baselines2d.models.base import Segmenter2D
 from lsmfm.config import save_config
-from lsmfm.errors import ConfigError, InputError
+from lsmfm.device import resolve_device
+from lsmfm.errors import InputError
 from lsmfm.io.atomic import atomic_dir
 from lsmfm.tasks.results import fewshot_subset, format_table, plot_metrics, write_results
 
@@ -36,11 +37,6 @@ class RunStats:
     steps: int
     sec_per_iter: float
 
-
-def resolve_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device=cuda but no CUDA device is available")
-    return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
 
 
 class PeakMemory:

@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from lsmfm.baselines2d.domains import analyze, make_embedders
-    from lsmfm.baselines2d.train import resolve_device
+    from lsmfm.device import resolve_device
     from lsmfm.errors import InputError
 
     if len(args.data) < 2:

@@ -48,3 +48,12 @@ def percentile_normalize(x: np.ndarray | torch.Tensor, cfg: NormalizeConfig = No
     y -= np.float32(lo)
     y *= np.float32(scale)
     return np.clip(y, 0.0, 1.0, out=y) if cfg.clip else y
+
+
+def normalize_channels(image: np.ndarray, cfg: NormalizeConfig = NormalizeConfig(),
+                       bounds: list[tuple[float, float]] | None = None) -> np.ndarray:
+    """Normalise each channel of a (C, Z, Y, X) image on its own (or by its `bounds[c]`), as float32."""
+    out = np.empty(image.shape, dtype=np.float32)
+    for c, channel in enumerate(image):
+        out[c] = percentile_normalize(channel, cfg, None if bounds is None else bounds[c])
+    return out

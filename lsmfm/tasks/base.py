@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lsmfm.data.normalize import NormalizeConfig, percentile_normalize
+from lsmfm.data.normalize import NormalizeConfig
 from lsmfm.tasks.config import DataConfig
 from lsmfm.tasks.data import Patch, random_crop
 
@@ -144,8 +144,3 @@ def window_starts(size: int, roi: int, overlap: float) -> list[int]:
     return sorted({round(float(v)) for v in np.linspace(0, size - roi, n)})
 
 
-def normalize_channels(image: np.ndarray, cfg: NormalizeConfig,
-                       bounds: list[tuple[float, float]] | None = None) -> np.ndarray:
-    """Percentile-normalise each channel of a (C, Z, Y, X) image as in pretraining."""
-    return np.stack([percentile_normalize(c, cfg, None if bounds is None else bounds[i])
-                     for i, c in enumerate(image)]).astype(np.float32)

@@ -19,10 +19,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from lsmfm.data.normalize import NormalizeConfig
+from lsmfm.data.normalize import NormalizeConfig, normalize_channels
 from lsmfm.errors import InputError
 from lsmfm.io.atomic import atomic_write_text
-from lsmfm.tasks.base import Example, FinetuneTask, Scores, normalize_channels, window_starts
+from lsmfm.tasks.base import Example, FinetuneTask, Scores, window_starts
 from lsmfm.tasks.config import ClassifyConfig, DataConfig
 from lsmfm.tasks.data import Patch, load_split
 from lsmfm.tasks.models import HeadConfig

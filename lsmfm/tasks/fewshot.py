@@ -32,6 +32,7 @@ from torch import nn
 
 from lsmfm.config import save_config
 from lsmfm.data.normalize import NormalizeConfig
+from lsmfm.device import resolve_device
 from lsmfm.errors import ConfigError, InputError
 from lsmfm.io.atomic import atomic_dir, atomic_write_text
 from lsmfm.models.backbones import BackboneConfig, build_backbone
@@ -130,15 +131,6 @@ def _model_config(recorded: Any, backbone_cfg: BackboneConfig, roi: tuple[int, i
         return dataclasses.replace(recorded, patch_size=list(roi), normalize=normalize)
     return ModelConfig(backbone=backbone_cfg, patch_size=list(roi), voxel_size=list(voxel_size),
                        normalize=normalize)
-
-
-def resolve_device(name: str) -> torch.device:
-    """`auto`: the first CUDA device when there is one, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device={name} but CUDA is not available here; use device=cpu or auto")
-    return torch.device(name)
 
 
 def check_run_dir(out_dir: Path) -> None:

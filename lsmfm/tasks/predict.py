@@ -28,8 +28,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from lsmfm.data.normalize import NormalizeConfig, percentile_normalize
+from lsmfm.data.normalize import NormalizeConfig, normalize_channels
 from lsmfm.errors import ConfigError, InputError
+from lsmfm.device import resolve_device
 from lsmfm.io.atomic import replace_dir
 from lsmfm.io.volumes import Volume, open_volume
 
@@ -141,14 +142,6 @@ def normalization_bounds(volume: Volume, cfg: NormalizeConfig) -> tuple[list[tup
     return subsample_bounds(volume, cfg), "subsample"
 
 
-def normalize_block(raw: np.ndarray, cfg: NormalizeConfig, bounds: list[tuple[float, float]]) -> np.ndarray:
-    """(C, Z, Y, X) float32, each channel scaled by its bounds."""
-    out = np.empty(raw.shape, dtype=np.float32)
-    for c, b in enumerate(bounds):
-        out[c] = percentile_normalize(raw[c], cfg, b)
-    return out
-
-
 @dataclass(frozen=True)
 class PredictOptions:
     """How `predict_volume` runs.
@@ -177,10 +170,6 @@ class PredictOptions:
         if self.threshold is not None and not 0.0 < self.threshold < 1.0:
             raise ConfigError(f"threshold must be in (0, 1), got {self.threshold}")
 
-    def torch_device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
 
 
 def check_inputs(model_dir: str | Path, model: Any, config: Any, volume: Volume, opts: PredictOptions
@@ -213,7 +202,7 @@ def predict_volume(model_dir: str | Path, input_path: str | Path, out_path: str 
     out = Path(out_path)
     if out.exists() and not overwrite:
         raise InputError(out, "already exists; choose another --out or pass --overwrite")
-    model, config = load_task_model(model_dir, opts.torch_device())
+    model, config = load_task_model(model_dir, resolve_device(opts.device))
     volume = open_volume(input_path)
     check_inputs(model_dir, model, config, volume, opts)
     bounds, source = normalization_bounds(volume, config.normalize)
@@ -258,7 +247,7 @@ def write_prediction(path: Path, model: Any, config: Any, volume: Volume, bounds
     blocks = plan_blocks(volume.spatial_shape, roi, opts.overlap, opts.block)  # type: ignore[arg-type]
     for blk in tqdm(blocks, desc="predict", unit="block", disable=not progress, dynamic_ncols=True):
         raw = data[(slice(None),) + blk.region].compute(scheduler="synchronous")
-        block = normalize_block(np.asarray(raw), config.normalize, bounds)
+        block = normalize_channels(np.asarray(raw), config.normalize, bounds)
         del raw  # only one copy of the region alive while the network runs
         result = predict_block(model, block, roi, opts, device)  # type: ignore[arg-type]
         result = result[(slice(None),) + blk.core_in_region]

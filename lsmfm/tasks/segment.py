@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from lsmfm.data.normalize import NormalizeConfig
-from lsmfm.tasks.base import Example, FinetuneTask, Scores, normalize_channels, sliding_window
+from lsmfm.data.normalize import NormalizeConfig, normalize_channels
+from lsmfm.tasks.base import Example, FinetuneTask, Scores, sliding_window
 from lsmfm.tasks.config import DataConfig, SegmentConfig
 from lsmfm.tasks.data import Patch, load_split
 from lsmfm.tasks.models import HeadConfig
