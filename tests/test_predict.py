@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -22,7 +24,7 @@ from lsmfm.io.volumes import read_volume
 from lsmfm.models.backbones import BackboneConfig, build_backbone
 from lsmfm.tasks import predict as predict_mod
 from lsmfm.tasks.models import build_task_model, save_task_model
-from lsmfm.tasks.predict import PredictOptions, axis_plan, predict_volume
+from lsmfm.tasks.predict import PredictOptions, axis_plan, plan_blocks, predict_volume, windows_along
 from lsmfm.weights.format import ModelConfig
 
 SHAPE = (124, 86, 94)  # mesoSPIM c5image.tif: divisible neither by the window nor by the block
@@ -95,6 +97,7 @@ def test_block_plan_reproduces_the_whole_volume_window_grid():
             assert plan == [(0, size, 0, size)]
             continue
         whole = starts(size, roi, overlap)
+        assert windows_along(size, roi, overlap) == len(whole)
         for c0, c1, r0, r1 in plan:
             local = [r0 + s for s in starts(r1 - r0, roi, overlap)]
             for v in (c0, (c0 + c1) // 2, c1 - 1):
@@ -108,6 +111,9 @@ def test_prediction_equals_in_memory_sliding_window(tmp_path, seg_model):
     out = tmp_path / "pred.zarr"
     summary = predict_volume(model_dir, src, out, PredictOptions(block=72, overlap=0.25), progress=False)
     assert summary["blocks"] == 2 * 2 * 2 and summary["bounds_source"] == "subsample"
+    regions = [tuple(r.stop - r.start for r in b.region) for b in plan_blocks(SHAPE, (ROI,) * 3, 0.25, 72)]
+    assert summary["windows"] == sum(len(dense_patch_slices(r, (ROI,) * 3, (24,) * 3)) for r in regions)
+    assert summary["windows_one_pass"] == len(dense_patch_slices(SHAPE, (ROI,) * 3, (24,) * 3))
     prob = zarr.open_array(str(out / "0"), mode="r")[:]
     assert prob.shape == (1, *SHAPE) and prob.dtype == np.float32
     ref = in_memory_reference(model, volume)
@@ -207,6 +213,17 @@ def test_cli(tmp_path, seg_model, capsys):
     assert (tmp_path / "p.zarr/labels/mask/0").is_dir() and (tmp_path / "s.json").is_file()
     assert main(args) == 2  # --out exists: a one-line error, no traceback
     assert "already exists" in capsys.readouterr().err
+
+
+def test_prediction_process_never_imports_transformers(tmp_path, seg_model):
+    """MONAI is imported without transformers (about 100 MiB and 2 s of imports) when predicting."""
+    src = write_store(tmp_path / "in.zarr", synthetic_volume((40, 36, 44)))
+    code = ("import sys; from lsmfm.cli.main import main; rc = main(sys.argv[1:]); "
+            "print(rc, sorted({m.split('.')[0] for m in sys.modules} & {'transformers', 'deepspeed'}))")
+    args = ["predict", "--model", str(seg_model[0]), "--input", str(src), "--out", str(tmp_path / "p.zarr"),
+            "--block", "32", "--quiet", "--device", "cpu"]
+    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "0 []"
 
 
 @pytest.mark.shared

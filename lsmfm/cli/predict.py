@@ -38,7 +38,9 @@ def run(args: argparse.Namespace) -> int:
                              progress=not args.quiet)
     shape = "x".join(str(s) for s in summary["shape"])
     print(f"{summary['task']}: {shape} voxels in {summary['blocks']} blocks, {summary['seconds']:.1f} s "
-          f"({summary['voxels_per_s'] / 1e6:.2f} M voxels/s)")
+          f"({summary['voxels_per_s'] / 1e6:.2f} M voxels/s); {summary['windows']} windows, "
+          f"{summary['windows'] / summary['windows_one_pass']:.2f}x one in-memory pass (a larger --block "
+          "runs fewer, in more memory)")
     bounds = ", ".join(f"[{lo:.4g}, {hi:.4g}]" for lo, hi in summary["bounds"])
     print(f"normalisation bounds {bounds} (from the {summary['bounds_source']})")
     if summary["task"] == "segment":

@@ -91,6 +91,20 @@ def axis_plan(size: int, roi: int, overlap: float, block: int) -> list[tuple[int
     return plan
 
 
+def windows_along(size: int, roi: int, overlap: float) -> int:
+    """Windows MONAI's sliding window places along an axis of `size` voxels (one when it pads)."""
+    if size <= roi:
+        return 1
+    return math.ceil((size - roi) / window_step(roi, overlap)) + 1
+
+
+def count_windows(blocks: list[Block], roi: tuple[int, int, int], overlap: float) -> int:
+    """Network windows run over all blocks; halo windows are run once per block that reads them, so
+    this exceeds one whole-volume pass by about (1 + step / core)³: the price of bounded memory."""
+    return sum(math.prod(windows_along(r.stop - r.start, n, overlap) for r, n in zip(b.region, roi))
+               for b in blocks)
+
+
 def plan_blocks(shape: tuple[int, int, int], roi: tuple[int, int, int], overlap: float, block: int
                 ) -> list[Block]:
     """All blocks of a (Z, Y, X) volume, z-major."""
@@ -219,8 +233,8 @@ def predict_volume(model_dir: str | Path, input_path: str | Path, out_path: str 
     shutil.rmtree(partial, ignore_errors=True)  # left by a killed run
     start = time.perf_counter()
     try:
-        n_blocks = write_prediction(partial, model, config, volume, bounds, opts, info.get("threshold"),
-                                    progress)
+        windows = write_prediction(partial, model, config, volume, bounds, opts, info.get("threshold"),
+                                   progress)
         seconds = time.perf_counter() - start
         write_metadata(partial, out.name, volume.voxel_size, info, segment=model.task == "segment")
         replace_dir(partial, out)
@@ -229,13 +243,14 @@ def predict_volume(model_dir: str | Path, input_path: str | Path, out_path: str 
         raise
     voxels = math.prod(volume.spatial_shape)
     return {**info, "out": str(out), "shape": list(volume.spatial_shape),
-            "voxel_size": list(volume.voxel_size), "blocks": n_blocks, "voxels": voxels, "seconds": seconds,
-            "voxels_per_s": voxels / seconds if seconds > 0 else float("inf")}
+            "voxel_size": list(volume.voxel_size), "voxels": voxels, "seconds": seconds,
+            "voxels_per_s": voxels / seconds if seconds > 0 else float("inf"), **windows}
 
 
 def write_prediction(path: Path, model: Any, config: Any, volume: Volume, bounds: list[tuple[float, float]],
-                     opts: PredictOptions, threshold: float | None, progress: bool) -> int:
-    """Predict block by block into a new store at `path`; returns the number of blocks."""
+                     opts: PredictOptions, threshold: float | None, progress: bool) -> dict[str, int]:
+    """Predict block by block into a new store at `path`; returns the number of blocks, of windows run,
+    and of windows one in-memory pass over the whole volume would run."""
     from tqdm.auto import tqdm
 
     roi = tuple(int(v) for v in config.patch_size)
@@ -258,7 +273,9 @@ def write_prediction(path: Path, model: Any, config: Any, volume: Volume, bounds
         else:  # back to the input's intensity units
             image[where] = np.stack([c * (hi - lo) + lo for c, (lo, hi) in zip(result, bounds)]
                                     ).astype(np.float32)
-    return len(blocks)
+    one_pass = math.prod(windows_along(s, r, opts.overlap) for s, r in zip(volume.spatial_shape, roi))
+    return {"blocks": len(blocks), "windows": count_windows(blocks, roi, opts.overlap),
+            "windows_one_pass": one_pass}
 
 
 @torch.inference_mode()

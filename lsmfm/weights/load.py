@@ -5,42 +5,20 @@ keys are taken), a local file (`.safetensors` with its config, or a `.ckpt`/`.pt
 Lightning layout), `hf-hub:org/name[@revision]`, then the name of a registered release.
 Loading is strict: every key and shape must match the rebuilt network, or the error lists the
 missing, unexpected and mis-shaped keys. Nothing pickled is ever executed, and neither DeepSpeed
-nor transformers is imported.
+nor transformers is imported (see `lsmfm.models.backbones`).
 """
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 from typing import Mapping
 
 import torch
 from torch import nn
 
-
-def _import_monai_without_transformers() -> None:
-    """Import MONAI's networks while `transformers` is unimportable.
-
-    `import monai` loads every submodule, and its Transchex net imports transformers and BERT (seconds
-    of import time, and a dependency inference does not need). MONAI's optional imports then fall
-    back to placeholders (only Transchex, unused here, is affected); transformers stays importable
-    afterwards for code that needs it. Nothing is done when either package is already loaded.
-    """
-    if "monai" in sys.modules or "transformers" in sys.modules:
-        return
-    sys.modules["transformers"] = None  # type: ignore[assignment]  # makes `import transformers` fail
-    try:
-        import monai.networks.nets  # noqa: F401
-    finally:
-        if sys.modules.get("transformers", 0) is None:
-            del sys.modules["transformers"]
-
-
-_import_monai_without_transformers()
-
-from lsmfm.errors import InputError  # noqa: E402
-from lsmfm.models.backbones import build_backbone  # noqa: E402
-from lsmfm.weights.format import ModelConfig, read_model_dir, read_safetensors_file  # noqa: E402
+from lsmfm.errors import InputError
+from lsmfm.models.backbones import build_backbone
+from lsmfm.weights.format import ModelConfig, read_model_dir, read_safetensors_file
 
 LIST_MAX = 8
 log = logging.getLogger(__name__)
