@@ -1,18 +1,23 @@
-"""Whole-volume prediction cost: voxels per second and peak memory on a 512³ volume.
+"""Whole-volume prediction: `lsmfm predict` (blockwise, out of core) against one in-memory MONAI sliding
+window over the whole volume, on the same model and data: voxels per second, peak memory, windows run,
+and the largest difference between the two outputs.
 
-    python benchmarks/predict.py --json predict.json [--size 512] [--block 128] [--device cpu]
+    python benchmarks/predict.py --json predict.json [--sizes 512] [--blocks 128 256] [--in-memory-up-to 512]
 
-The input is an OME-Zarr store (uint16, chunks 64³, with ingest-style intensity statistics) generated
-slab by slab in a temporary folder, so the benchmark itself never holds the volume. The model is a small
-UNet segmentation model (channels 8-16-32, one residual unit, 64³ windows) saved with `save_task_model`.
-`lsmfm.tasks.predict.predict_volume` runs in a subprocess that reports its RSS after imports (baseline)
-and its peak RSS (`getrusage`); the growth over the baseline is what prediction itself needs, compared
-with the volume's size in float32 (512³ x 4 bytes = 512 MiB).
+Each input is an OME-Zarr store (uint16, chunks 64³, with ingest-style intensity statistics) generated
+slab by slab in a temporary folder, so the benchmark never holds a volume. The model is a small UNet
+segmentation model (channels 8-16-32, 64³ windows) saved with `save_task_model`. Every measurement runs
+in a fresh subprocess that records its RSS once all code is imported (baseline) and its peak RSS
+(`getrusage`); the growth is what the prediction itself needs, compared with the volume in float32.
+The in-memory baseline (`predict_block` over the whole volume: read, normalise, MONAI's
+`sliding_window_inference`) needs several times the float32 volume, so it runs only up to
+`--in-memory-up-to` (its peak at 1024³ is about 14 GiB).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -64,92 +69,176 @@ def make_model(path: Path) -> None:
     save_task_model(model, path, ModelConfig(backbone=backbone.config, patch_size=[PATCH] * 3))
 
 
-def _rss_mib() -> float:
+def _status_mib(field: str) -> float:
+    """A memory field of /proc/self/status (VmRSS: now; VmHWM: peak) in MiB."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
+    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
-def measure(model: str, volume: str, out: str, block: int, overlap: float, batch: int, device: str,
-            threads: int) -> dict:
-    """Run in the child process: one prediction, with RSS before (all code imported) and the peak after."""
-    import resource
-
+def _imported(threads: int) -> float:
+    """Import everything a measurement uses, set the thread count; the RSS baseline in MiB."""
+    import lsmfm.models.backbones  # noqa: F401  (first, as in `lsmfm predict`: MONAI without transformers)
     import monai.inferers  # noqa: F401  (imported before the baseline: code is not prediction memory)
     import torch
     import zarr  # noqa: F401
 
-    import lsmfm.tasks.models  # noqa: F401
-    from lsmfm.tasks.predict import PredictOptions, predict_volume
-
+    import lsmfm.tasks.predict  # noqa: F401
     if threads:
         torch.set_num_threads(threads)
-    baseline = _rss_mib()
+    return _status_mib("VmRSS")
+
+
+def _peak_mib() -> float:
+    """Peak RSS of this process image. Not `getrusage`: its ru_maxrss survives fork and exec, so a child
+    would report the parent's RSS (here: the volume generator's) when that is larger."""
+    return _status_mib("VmHWM")
+
+
+def measure_blockwise(model: str, volume: str, out: str, block: int, overlap: float, batch: int,
+                      device: str, threads: int) -> dict:
+    """Child process: one `predict_volume` run into `out`."""
+    baseline = _imported(threads)
+    from lsmfm.tasks.predict import PredictOptions, predict_volume
+
     opts = PredictOptions(block=block, overlap=overlap, batch_size=batch, device=device)
     summary = predict_volume(model, volume, out, opts, progress=False)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    keys = ("shape", "blocks", "seconds", "voxels", "voxels_per_s", "bounds_source")
-    result = {k: summary[k] for k in keys}
-    result.update({"rss_baseline_mib": baseline, "rss_peak_mib": peak, "rss_growth_mib": peak - baseline,
-                   "torch_threads": torch.get_num_threads(), "device": device})
-    if device.startswith("cuda"):
-        result["cuda_peak_mib"] = torch.cuda.max_memory_allocated() / 2 ** 20
-    return result
+    peak = _peak_mib()
+    keys = ("blocks", "windows", "windows_one_pass", "seconds", "voxels_per_s", "bounds_source")
+    return {"method": f"lsmfm predict, block {block}", "rss_baseline_mib": baseline, "rss_peak_mib": peak,
+            **{k: summary[k] for k in keys}}
+
+
+def measure_in_memory(model: str, volume: str, compare: list[str], overlap: float, batch: int, device: str,
+                      threads: int) -> dict:
+    """Child process: the whole volume read, normalised and predicted in memory, then compared slab by
+    slab (after the peak is taken) with each blockwise output in `compare`."""
+    baseline = _imported(threads)
+    import math
+
+    import torch
+    import zarr
+
+    from lsmfm.data.normalize import normalize_channels
+    from lsmfm.device import resolve_device
+    from lsmfm.io.volumes import materialize, open_volume
+    from lsmfm.tasks.models import load_task_model
+    from lsmfm.tasks.predict import PredictOptions, normalization_bounds, predict_block, windows_along
+
+    start = time.perf_counter()
+    net, config = load_task_model(model, resolve_device(device))
+    vol = open_volume(volume)
+    bounds, source = normalization_bounds(vol, config.normalize)
+    roi = tuple(config.patch_size)
+    data = vol.data if vol.data.ndim == 4 else vol.data[None]  # (C, Z, Y, X)
+    image = normalize_channels(materialize(data, scheduler="synchronous"), config.normalize, bounds)
+    prob = predict_block(net, image, roi, PredictOptions(overlap=overlap, batch_size=batch, device=device),
+                         next(net.parameters()).device)[0]
+    seconds = time.perf_counter() - start
+    peak = _peak_mib()
+    del image
+    diff = 0.0
+    for path in compare:
+        stored = zarr.open_array(str(Path(path) / "0"), mode="r")
+        for z0 in range(0, prob.shape[0], SLAB):
+            diff = max(diff, float(np.abs(stored[0, z0:z0 + SLAB] - prob[z0:z0 + SLAB]).max()))
+    voxels = math.prod(vol.spatial_shape)
+    one_pass = math.prod(windows_along(s, r, overlap) for s, r in zip(vol.spatial_shape, roi))
+    return {"method": "in-memory sliding window", "rss_baseline_mib": baseline, "rss_peak_mib": peak,
+            "blocks": 1, "windows": one_pass, "windows_one_pass": one_pass, "seconds": seconds,
+            "voxels_per_s": voxels / seconds, "bounds_source": source, "max_abs_diff_vs_blockwise": diff}
+
+
+def child(args: list[str]) -> dict:
+    """Run one measurement in a fresh interpreter; its last stdout line is the JSON result."""
+    done = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"measurement {args[0]} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def run_size(root: Path, size: int, args: argparse.Namespace) -> list[dict]:
+    """Generate one volume, predict it blockwise at every block size, then in memory (if small enough)."""
+    volume, model = root / f"volume{size}.zarr", root / "model"
+    start = time.perf_counter()
+    make_volume(volume, size)
+    setup_s = time.perf_counter() - start
+    common = ["--overlap", str(args.overlap), "--batch", str(args.batch), "--device", args.device,
+              "--threads", str(args.threads)]
+    rows, outs = [], []
+    for block in args.blocks:
+        out = root / f"pred{size}_{block}.zarr"
+        rows.append(child(["--measure-blockwise", str(model), str(volume), str(out), "--block", str(block),
+                           *common]))
+        outs.append(str(out))
+    if size <= args.in_memory_up_to:
+        rows.append(child(["--measure-in-memory", str(model), str(volume), *outs, *common]))
+    float32_mib = size ** 3 * 4 / 2 ** 20
+    for row in rows:
+        growth = row["rss_peak_mib"] - row["rss_baseline_mib"]
+        row.update({"size": size, "volume_float32_mib": float32_mib, "setup_s": setup_s,
+                    "rss_growth_mib": growth, "growth_over_float32": growth / float32_mib,
+                    "peak_over_float32": row["rss_peak_mib"] / float32_mib,
+                    "windows_over_one_pass": row["windows"] / row["windows_one_pass"]})
+    for path in [*outs, str(volume)]:
+        shutil.rmtree(path)  # disk: a 1024³ prediction is 4 GiB
+    return rows
 
 
 def run(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory(prefix="lsmfm_predict_bench_") as tmp:
         root = Path(tmp)
-        start = time.perf_counter()
-        make_volume(root / "volume.zarr", args.size)
         make_model(root / "model")
-        setup_s = time.perf_counter() - start
-        cmd = [sys.executable, __file__, "--measure", str(root / "model"), str(root / "volume.zarr"),
-               str(root / "pred.zarr"), "--block", str(args.block), "--overlap", str(args.overlap),
-               "--batch", str(args.batch), "--device", args.device, "--threads", str(args.threads)]
-        child = subprocess.run(cmd, check=True, capture_output=True, text=True)
-        result = json.loads(child.stdout.strip().splitlines()[-1])
-    float32_mib = args.size ** 3 * 4 / 2 ** 20
-    result.update({"size": args.size, "block": args.block, "overlap": args.overlap, "batch": args.batch,
-                   "patch": PATCH, "backbone": BACKBONE, "setup_s": setup_s,
-                   "volume_float32_mib": float32_mib,
-                   "growth_over_float32": result["rss_growth_mib"] / float32_mib,
-                   "peak_over_float32": result["rss_peak_mib"] / float32_mib})
-    return result
+        rows = [row for size in args.sizes for row in run_size(root, size, args)]
+    return {"config": {"sizes": args.sizes, "blocks": args.blocks, "overlap": args.overlap, "batch": args.batch,
+                       "patch": PATCH, "backbone": BACKBONE, "device": args.device, "threads": args.threads,
+                       "in_memory_up_to": args.in_memory_up_to},
+            "rows": rows}
 
 
-def table(r: dict) -> str:
-    head = (f"{r['size']}³ uint16 OME-Zarr, UNet {'-'.join(map(str, r['backbone']['channels']))} with "
-            f"{r['patch']}³ windows, block {r['block']}, overlap {r['overlap']}, batch {r['batch']}, "
-            f"{r['device']} ({r['torch_threads']} threads)")
-    cols = ["blocks", "seconds", "Mvoxel/s", "RSS base MiB", "RSS peak MiB", "growth MiB", "growth/float32",
-            "peak/float32"]
-    vals = [str(r["blocks"]), f"{r['seconds']:.1f}", f"{r['voxels_per_s'] / 1e6:.3f}",
-            f"{r['rss_baseline_mib']:.0f}", f"{r['rss_peak_mib']:.0f}", f"{r['rss_growth_mib']:.0f}",
-            f"{r['growth_over_float32']:.3f}", f"{r['peak_over_float32']:.3f}"]
-    widths = [max(len(c), len(v)) for c, v in zip(cols, vals)]
-    lines = [head, "  ".join(c.rjust(w) for c, w in zip(cols, widths)),
-             "  ".join(v.rjust(w) for v, w in zip(vals, widths)),
-             f"(volume in float32: {r['volume_float32_mib']:.0f} MiB)"]
-    return "\n".join(lines)
+def table(result: dict) -> str:
+    c = result["config"]
+    head = (f"uint16 OME-Zarr (chunks 64³), UNet {'-'.join(map(str, c['backbone']['channels']))} with "
+            f"{c['patch']}³ windows, overlap {c['overlap']}, batch {c['batch']}, {c['device']} "
+            f"({c['threads'] or 'default'} threads)")
+    cols = ["volume", "method", "s", "Mvox/s", "windows", "x 1 pass", "RSS base", "RSS peak", "growth MiB",
+            "growth/f32", "peak/f32", "max |diff|"]
+    lines = []
+    for r in result["rows"]:
+        diff = r.get("max_abs_diff_vs_blockwise")
+        lines.append([f"{r['size']}³ ({r['volume_float32_mib']:.0f} MiB f32)", r["method"], f"{r['seconds']:.1f}",
+                      f"{r['voxels_per_s'] / 1e6:.2f}", str(r["windows"]), f"{r['windows_over_one_pass']:.2f}",
+                      f"{r['rss_baseline_mib']:.0f}", f"{r['rss_peak_mib']:.0f}", f"{r['rss_growth_mib']:.0f}",
+                      f"{r['growth_over_float32']:.2f}", f"{r['peak_over_float32']:.2f}",
+                      "-" if diff is None else f"{diff:.1e}"])
+    widths = [max(len(col), *(len(v[i]) for v in lines)) for i, col in enumerate(cols)]
+    return "\n".join([head, *("  ".join(v.rjust(w) for v, w in zip(vals, widths)) for vals in [cols, *lines])])
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", type=int, default=512, help="edge of the cubic test volume (512)")
-    parser.add_argument("--block", type=int, default=128, help="prediction block core edge (128)")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[512], help="edges of the cubic volumes (512)")
+    parser.add_argument("--blocks", type=int, nargs="+", default=[128, 256],
+                        help="`lsmfm predict --block` values to measure (128 256)")
+    parser.add_argument("--in-memory-up-to", type=int, default=512,
+                        help="run the in-memory baseline for volumes up to this edge (512)")
     parser.add_argument("--overlap", type=float, default=0.25)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--json", default=None, help="write the result to this JSON file")
-    parser.add_argument("--measure", nargs=3, metavar=("MODEL", "VOLUME", "OUT"), help=argparse.SUPPRESS)
+    parser.add_argument("--block", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--measure-blockwise", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--measure-in-memory", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.measure:
-        model, volume, out = args.measure
-        print(json.dumps(measure(model, volume, out, args.block, args.overlap, args.batch, args.device,
-                                 args.threads)))
+    common = (args.overlap, args.batch, args.device, args.threads)
+    if args.measure_blockwise:
+        print(json.dumps(measure_blockwise(*args.measure_blockwise, args.block, *common)))
+        return 0
+    if args.measure_in_memory:
+        model, volume, *compare = args.measure_in_memory
+        print(json.dumps(measure_in_memory(model, volume, compare, *common)))
         return 0
     result = run(args)
     print(table(result))

@@ -52,8 +52,11 @@ def percentile_normalize(x: np.ndarray | torch.Tensor, cfg: NormalizeConfig = No
 
 def normalize_channels(image: np.ndarray, cfg: NormalizeConfig = NormalizeConfig(),
                        bounds: list[tuple[float, float]] | None = None) -> np.ndarray:
-    """Normalise each channel of a (C, Z, Y, X) image on its own (or by its `bounds[c]`), as float32."""
+    """Normalise each channel of a (C, Z, Y, X) image on its own (or by its `bounds[c]`), as float32,
+    in the output array: no temporary as large as the image (prediction passes blocks of ~100 MiB)."""
     out = np.empty(image.shape, dtype=np.float32)
     for c, channel in enumerate(image):
-        out[c] = percentile_normalize(channel, cfg, None if bounds is None else bounds[c])
+        lo_hi = bounds[c] if bounds is not None else np.percentile(channel, [cfg.lower, cfg.upper])
+        out[c] = channel
+        percentile_normalize(out[c], cfg, (float(lo_hi[0]), float(lo_hi[1])), inplace=True)
     return out

@@ -32,7 +32,7 @@ from lsmfm.data.normalize import NormalizeConfig, normalize_channels
 from lsmfm.errors import ConfigError, InputError
 from lsmfm.device import resolve_device
 from lsmfm.io.atomic import replace_dir
-from lsmfm.io.volumes import Volume, open_volume
+from lsmfm.io.volumes import Volume, materialize, open_volume
 
 SUBSAMPLE_VOXELS = 2_000_000
 OUTPUT_CHUNK = 64
@@ -261,21 +261,31 @@ def write_prediction(path: Path, model: Any, config: Any, volume: Volume, bounds
     device = next(model.parameters()).device
     blocks = plan_blocks(volume.spatial_shape, roi, opts.overlap, opts.block)  # type: ignore[arg-type]
     for blk in tqdm(blocks, desc="predict", unit="block", disable=not progress, dynamic_ncols=True):
-        raw = data[(slice(None),) + blk.region].compute(scheduler="synchronous")
-        block = normalize_channels(np.asarray(raw), config.normalize, bounds)
-        del raw  # only one copy of the region alive while the network runs
-        result = predict_block(model, block, roi, opts, device)  # type: ignore[arg-type]
-        result = result[(slice(None),) + blk.core_in_region]
+        core = predict_core(model, data, blk, config.normalize, bounds, roi, opts, device)  # type: ignore[arg-type]
         where = (slice(None),) + blk.core
         if segment:
-            image[where] = result
-            mask[where] = (result > threshold).astype(np.uint8)
-        else:  # back to the input's intensity units
-            image[where] = np.stack([c * (hi - lo) + lo for c, (lo, hi) in zip(result, bounds)]
-                                    ).astype(np.float32)
+            image[where] = core
+            mask[where] = np.greater(core, threshold).view(np.uint8)
+        else:  # back to the input's intensity units, in place
+            for channel, (lo, hi) in zip(core, bounds):
+                channel *= hi - lo
+                channel += lo
+            image[where] = core
+        del core  # before the next block is read: two blocks' buffers never coexist
     one_pass = math.prod(windows_along(s, r, opts.overlap) for s, r in zip(volume.spatial_shape, roi))
     return {"blocks": len(blocks), "windows": count_windows(blocks, roi, opts.overlap),
             "windows_one_pass": one_pass}
+
+
+def predict_core(model: torch.nn.Module, data: Any, blk: Block, norm: NormalizeConfig,
+                 bounds: list[tuple[float, float]], roi: tuple[int, int, int], opts: PredictOptions,
+                 device: torch.device) -> np.ndarray:
+    """Read one block's region from the lazy (C, Z, Y, X) `data`, normalise it and predict it; the
+    result over the block's core. Each buffer is released as soon as the next one exists."""
+    raw = materialize(data[(slice(None),) + blk.region], scheduler="synchronous")
+    block = normalize_channels(raw, norm, bounds)
+    del raw
+    return predict_block(model, block, roi, opts, device)[(slice(None),) + blk.core_in_region]
 
 
 @torch.inference_mode()
