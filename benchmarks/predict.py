@@ -117,7 +117,6 @@ def measure_in_memory(model: str, volume: str, compare: list[str], overlap: floa
     baseline = _imported(threads)
     import math
 
-    import torch
     import zarr
 
     from lsmfm.data.normalize import normalize_channels
@@ -191,10 +190,10 @@ def run(args: argparse.Namespace) -> dict:
         root = Path(tmp)
         make_model(root / "model")
         rows = [row for size in args.sizes for row in run_size(root, size, args)]
-    return {"config": {"sizes": args.sizes, "blocks": args.blocks, "overlap": args.overlap, "batch": args.batch,
-                       "patch": PATCH, "backbone": BACKBONE, "device": args.device, "threads": args.threads,
-                       "in_memory_up_to": args.in_memory_up_to},
-            "rows": rows}
+    config = {"sizes": args.sizes, "blocks": args.blocks, "overlap": args.overlap, "batch": args.batch,
+              "patch": PATCH, "backbone": BACKBONE, "device": args.device, "threads": args.threads,
+              "in_memory_up_to": args.in_memory_up_to}
+    return {"config": config, "rows": rows}
 
 
 def table(result: dict) -> str:
@@ -204,21 +203,21 @@ def table(result: dict) -> str:
             f"({c['threads'] or 'default'} threads)")
     cols = ["volume", "method", "s", "Mvox/s", "windows", "x 1 pass", "RSS base", "RSS peak", "growth MiB",
             "growth/f32", "peak/f32", "max |diff|"]
-    lines = []
-    for r in result["rows"]:
-        diff = r.get("max_abs_diff_vs_blockwise")
-        lines.append([f"{r['size']}³ ({r['volume_float32_mib']:.0f} MiB f32)", r["method"], f"{r['seconds']:.1f}",
-                      f"{r['voxels_per_s'] / 1e6:.2f}", str(r["windows"]), f"{r['windows_over_one_pass']:.2f}",
-                      f"{r['rss_baseline_mib']:.0f}", f"{r['rss_peak_mib']:.0f}", f"{r['rss_growth_mib']:.0f}",
-                      f"{r['growth_over_float32']:.2f}", f"{r['peak_over_float32']:.2f}",
-                      "-" if diff is None else f"{diff:.1e}"])
+    lines = [[f"{r['size']}³ ({r['volume_float32_mib']:.0f} MiB f32)", r["method"], f"{r['seconds']:.1f}",
+              f"{r['voxels_per_s'] / 1e6:.2f}", str(r["windows"]), f"{r['windows_over_one_pass']:.2f}",
+              f"{r['rss_baseline_mib']:.0f}", f"{r['rss_peak_mib']:.0f}", f"{r['rss_growth_mib']:.0f}",
+              f"{r['growth_over_float32']:.2f}", f"{r['peak_over_float32']:.2f}",
+              f"{r['max_abs_diff_vs_blockwise']:.1e}" if "max_abs_diff_vs_blockwise" in r else "-"]
+             for r in result["rows"]]
     widths = [max(len(col), *(len(v[i]) for v in lines)) for i, col in enumerate(cols)]
-    return "\n".join([head, *("  ".join(v.rjust(w) for v, w in zip(vals, widths)) for vals in [cols, *lines])])
+    rows = ("  ".join(v.rjust(w) for v, w in zip(vals, widths)) for vals in [cols, *lines])
+    return "\n".join([head, *rows])
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[512], help="edges of the cubic volumes (512)")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[512],
+                        help="edges of the cubic volumes (512)")
     parser.add_argument("--blocks", type=int, nargs="+", default=[128, 256],
                         help="`lsmfm predict --block` values to measure (128 256)")
     parser.add_argument("--in-memory-up-to", type=int, default=512,

@@ -261,7 +261,8 @@ def write_prediction(path: Path, model: Any, config: Any, volume: Volume, bounds
     device = next(model.parameters()).device
     blocks = plan_blocks(volume.spatial_shape, roi, opts.overlap, opts.block)  # type: ignore[arg-type]
     for blk in tqdm(blocks, desc="predict", unit="block", disable=not progress, dynamic_ncols=True):
-        core = predict_core(model, data, blk, config.normalize, bounds, roi, opts, device)  # type: ignore[arg-type]
+        core = predict_core(model, data, blk, config.normalize, bounds, roi,  # type: ignore[arg-type]
+                            opts, device)
         where = (slice(None),) + blk.core
         if segment:
             image[where] = core
