@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -66,7 +65,9 @@ def step_benchmark(arch: str, size: int, batch: int, steps: int, device_name: st
     if device.type == "cuda":
         result["peak_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     else:
-        result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        # VmHWM, not getrusage: ru_maxrss survives fork and exec, so it may be the parent's peak
+        status = Path("/proc/self/status").read_text().splitlines()
+        result["peak_rss_mb"] = next(int(s.split()[1]) for s in status if s.startswith("VmHWM:")) / 1024
     return result
 
 
