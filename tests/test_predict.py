@@ -4,6 +4,7 @@ inputs fail before anything is written."""
 from __future__ import annotations
 
 import json
+import math
 import random
 import subprocess
 import sys
@@ -81,6 +82,9 @@ def seg_model(tmp_path_factory):
 def test_block_plan_reproduces_the_whole_volume_window_grid():
     """Along any axis, the windows MONAI places inside each block's read region are exactly the
     whole-volume windows touching the block's core (so blending is identical)."""
+    def interval_of(roi, overlap):
+        return _get_scan_interval((roi + 1,), (roi,), 1, (overlap,))[0]
+
     def starts(length, roi, overlap):
         size = max(length, roi)
         interval = _get_scan_interval((size,), (roi,), 1, (overlap,))
@@ -98,10 +102,21 @@ def test_block_plan_reproduces_the_whole_volume_window_grid():
             continue
         whole = starts(size, roi, overlap)
         assert windows_along(size, roi, overlap) == len(whole)
+        step = interval_of(roi, overlap)
+        assert all(c0 % step == 0 for c0, *_ in plan)
+        assert all(c1 - c0 <= max(block, step) for c0, c1, *_ in plan[:-1])  # the last may absorb a tail
+        assert len(plan) <= math.ceil(math.ceil(size / step) / (max(block, step) // step))  # balanced: few
         for c0, c1, r0, r1 in plan:
             local = [r0 + s for s in starts(r1 - r0, roi, overlap)]
             for v in (c0, (c0 + c1) // 2, c1 - 1):
                 assert {s for s in whole if s <= v < s + roi} == {s for s in local if s <= v < s + roi}
+
+
+def test_block_cores_are_balanced_and_fewest():
+    """A 256-voxel block covers a 256 axis in one core (not 240 + a 16-voxel tail rerunning a halo), and
+    512 splits into 3 balanced cores of <= 256 on the 48-voxel window grid."""
+    assert axis_plan(256, 64, 0.25, 256) == [(0, 256, 0, 256)]
+    assert [(c0, c1) for c0, c1, *_ in axis_plan(512, 64, 0.25, 256)] == [(0, 144), (144, 336), (336, 512)]
 
 
 def test_prediction_equals_in_memory_sliding_window(tmp_path, seg_model):
@@ -233,6 +248,6 @@ def test_real_mesospim_volume(tmp_path, seg_model, shared_data):
     volume, _ = read_volume(src)
     assert volume.shape == SHAPE
     summary = predict_volume(model_dir, src, tmp_path / "p.zarr", PredictOptions(block=64), progress=False)
-    assert summary["blocks"] == 3 * 2 * 2  # cores of 48 (64 rounded down to the window step 24)
+    assert summary["blocks"] == 3 * 2 * 2  # 124 = 48 + 48 + 28: fewest balanced cores <= 64 on the 24 grid
     prob = zarr.open_array(str(tmp_path / "p.zarr/0"), mode="r")[0]
     np.testing.assert_allclose(prob, in_memory_reference(model, volume)[0], atol=1e-5)

@@ -2,7 +2,8 @@
 block, block cores written into an OME-Zarr (NGFF 0.5) store.
 
 Seams vanish exactly, not just approximately: block cores start on the sliding window's grid (multiples
-of the window step `int(patch * (1 - overlap))`), and each block is read with the context of every window
+of the window step `int(patch * (1 - overlap))`; an axis is split into the fewest cores of at most
+`block` voxels, balanced), and each block is read with the context of every window
 of the whole-volume grid that touches its core (a halo of `ceil(patch / step) - 1` steps before the core,
 `patch - step` voxels after it). The windows MONAI places inside a block are then exactly the
 whole-volume windows touching the core, so every voxel blends the same window outputs with the same
@@ -56,21 +57,26 @@ def window_step(roi: int, overlap: float) -> int:
     return max(int(roi * (1.0 - overlap)), 1)
 
 
-def core_size(roi: int, overlap: float, block: int) -> int:
-    """Edge of the block cores along an axis: `block` rounded down to a multiple of the window step."""
-    step = window_step(roi, overlap)
-    return max(step, block // step * step)
-
-
-def output_chunk(shape: tuple[int, int, int], roi: tuple[int, int, int], overlap: float, block: int) -> int:
-    """A chunk edge (16-64) that divides every core, so each block writes whole chunks (no read-modify-
-    write of chunks shared by two blocks, half the writer's memory); 64 when none exists."""
-    cores = [core_size(r, overlap, block) for r in roi]
-    split = [c for s, r, c in zip(shape, roi, cores) if s > max(r, c)]  # axes with more than one block
-    if not split:
+def output_chunk(blocks: list[Block]) -> int:
+    """A chunk edge (16-64) that divides every core boundary, so each block writes whole chunks (no
+    read-modify-write of chunks shared by two blocks, half the writer's memory); 64 when none exists."""
+    inner = {s.start for b in blocks for s in b.core} - {0}
+    if not inner:
         return OUTPUT_CHUNK
-    g = math.gcd(*split)
+    g = math.gcd(*inner)
     return next((d for d in range(min(OUTPUT_CHUNK, g), 15, -1) if g % d == 0), OUTPUT_CHUNK)
+
+
+def core_starts(size: int, step: int, limit: int) -> list[int]:
+    """Core starts on the window grid along an axis: the fewest cores of at most `limit` voxels, each
+    with an equal share of the window steps (a short tail core would rerun a halo of windows for a few
+    voxels). `limit` is at least one step."""
+    units = math.ceil(size / step)  # the last step may be partial
+    for n in range(math.ceil(size / limit), units):
+        starts = [step * (units * k // n) for k in range(n)]
+        if all(b - a <= limit for a, b in zip(starts, [*starts[1:], size])):
+            return starts
+    return [step * k for k in range(units)]  # one step per core
 
 
 def axis_plan(size: int, roi: int, overlap: float, block: int) -> list[tuple[int, int, int, int]]:
@@ -78,9 +84,8 @@ def axis_plan(size: int, roi: int, overlap: float, block: int) -> list[tuple[int
     if size <= roi:
         return [(0, size, 0, size)]  # MONAI pads the whole axis: only one block reproduces that
     step = window_step(roi, overlap)
-    core = core_size(roi, overlap, block)
     before = (math.ceil(roi / step) - 1) * step
-    starts = list(range(0, size, core))
+    starts = core_starts(size, step, max(block, step))
     if len(starts) > 1 and size - starts[-1] < roi - before:
         starts.pop()  # too short to hold a full window with its context: merge into the previous core
     plan = []
@@ -161,8 +166,8 @@ class PredictOptions:
     """How `predict_volume` runs.
 
     Args:
-        block: core edge length of a block in voxels (rounded down to the window step); memory grows
-            with (block + patch)^3.
+        block: largest core edge of a block in voxels (each axis is split into the fewest balanced
+            cores on the window grid that fit); memory grows with (block + patch)^3.
         overlap: sliding-window overlap in [0, 1).
         batch_size: windows per forward pass.
         threshold: segmentation mask threshold; None: the one recorded with the model.
@@ -256,10 +261,10 @@ def write_prediction(path: Path, model: Any, config: Any, volume: Volume, bounds
     roi = tuple(int(v) for v in config.patch_size)
     data = volume.data if volume.data.ndim == 4 else volume.data[None]
     segment = model.task == "segment"
-    chunk = output_chunk(volume.spatial_shape, roi, opts.overlap, opts.block)  # type: ignore[arg-type]
-    image, mask = create_store(path, 1 if segment else data.shape[0], volume.spatial_shape, segment, chunk)
-    device = next(model.parameters()).device
     blocks = plan_blocks(volume.spatial_shape, roi, opts.overlap, opts.block)  # type: ignore[arg-type]
+    image, mask = create_store(path, 1 if segment else data.shape[0], volume.spatial_shape, segment,
+                               output_chunk(blocks))
+    device = next(model.parameters()).device
     for blk in tqdm(blocks, desc="predict", unit="block", disable=not progress, dynamic_ncols=True):
         core = predict_core(model, data, blk, config.normalize, bounds, roi,  # type: ignore[arg-type]
                             opts, device)
