@@ -12,8 +12,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_predict_benchmark_compares_blockwise_with_in_memory(tmp_path):
     out = tmp_path / "predict.json"
-    cmd = [sys.executable, str(REPO / "benchmarks/predict.py"), "--sizes", "80", "--blocks", "64", "--threads", "1",
-           "--json", str(out)]
+    cmd = [sys.executable, str(REPO / "benchmarks/predict.py"), "--sizes", "80", "--blocks", "64",
+           "--threads", "1", "--json", str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True, check=True)
     assert "in-memory sliding window" in done.stdout and "lsmfm predict, block 64" in done.stdout
     blockwise, in_memory = json.loads(out.read_text())["rows"]

@@ -17,7 +17,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "TIFF planes")
     parser.add_argument("--out", required=True, help="output OME-Zarr store, e.g. PRED.zarr")
     parser.add_argument("--block", type=int, default=256,
-                        help="largest block core edge in voxels; memory grows with (block + patch)^3 (default 256)")
+                        help="largest block core edge in voxels; memory grows with (block + patch)^3 "
+                             "(default 256)")
     parser.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap in [0, 1) (0.25)")
     parser.add_argument("--batch", type=int, default=1, help="windows per forward pass (1)")
     parser.add_argument("--threshold", type=float, default=None,
