@@ -112,38 +112,36 @@ def measure_blockwise(model: str, volume: str, out: str, block: int, overlap: fl
 
 def measure_in_memory(model: str, volume: str, compare: list[str], overlap: float, batch: int, device: str,
                       threads: int) -> dict:
-    """Child process: the whole volume read, normalised and predicted in memory, then compared slab by
-    slab (after the peak is taken) with each blockwise output in `compare`."""
+    """Child process: the whole volume read, normalised and predicted in memory as one block, then
+    compared slab by slab (after the peak is taken) with each blockwise output in `compare`."""
     baseline = _imported(threads)
     import math
 
     import zarr
 
-    from lsmfm.data.normalize import normalize_channels
     from lsmfm.device import resolve_device
-    from lsmfm.io.volumes import materialize, open_volume
+    from lsmfm.io.volumes import open_volume
     from lsmfm.tasks.models import load_task_model
-    from lsmfm.tasks.predict import PredictOptions, normalization_bounds, predict_block, windows_along
+    from lsmfm.tasks.predict import Block, PredictOptions, count_windows, normalization_bounds, predict_core
 
     start = time.perf_counter()
     net, config = load_task_model(model, resolve_device(device))
     vol = open_volume(volume)
     bounds, source = normalization_bounds(vol, config.normalize)
     roi = tuple(config.patch_size)
-    data = vol.data if vol.data.ndim == 4 else vol.data[None]  # (C, Z, Y, X)
-    image = normalize_channels(materialize(data, scheduler="synchronous"), config.normalize, bounds)
-    prob = predict_block(net, image, roi, PredictOptions(overlap=overlap, batch_size=batch, device=device),
-                         next(net.parameters()).device)[0]
+    whole = tuple(slice(0, s) for s in vol.spatial_shape)
+    prob = predict_core(net, vol.czyx, Block(whole, whole), config.normalize, bounds, roi,
+                        PredictOptions(overlap=overlap, batch_size=batch, device=device),
+                        next(net.parameters()).device)[0]
     seconds = time.perf_counter() - start
     peak = _peak_mib()
-    del image
     diff = 0.0
     for path in compare:
         stored = zarr.open_array(str(Path(path) / "0"), mode="r")
         for z0 in range(0, prob.shape[0], SLAB):
             diff = max(diff, float(np.abs(stored[0, z0:z0 + SLAB] - prob[z0:z0 + SLAB]).max()))
     voxels = math.prod(vol.spatial_shape)
-    one_pass = math.prod(windows_along(s, r, overlap) for s, r in zip(vol.spatial_shape, roi))
+    one_pass = count_windows([Block(whole, whole)], roi, overlap)
     return {"method": "in-memory sliding window", "rss_baseline_mib": baseline, "rss_peak_mib": peak,
             "blocks": 1, "windows": one_pass, "windows_one_pass": one_pass, "seconds": seconds,
             "voxels_per_s": voxels / seconds, "bounds_source": source, "max_abs_diff_vs_blockwise": diff}

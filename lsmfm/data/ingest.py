@@ -115,7 +115,7 @@ def _open_channels(paths: list[Path]) -> tuple[da.Array, tuple[float, float, flo
         if not np.allclose(vol.voxel_size, first.voxel_size, rtol=0.01):
             raise InputError(vol.path, f"voxel size {vol.voxel_size} µm differs from {first.path} "
                                        f"{first.voxel_size} µm: channels of one image must match")
-    arrays = [v.data if v.data.ndim == 4 else v.data[None] for v in vols]
+    arrays = [v.czyx for v in vols]
     dtype = np.result_type(*[a.dtype for a in arrays])
     return da.concatenate([a.astype(dtype) for a in arrays], axis=0), first.voxel_size
 

@@ -36,6 +36,11 @@ class Volume:
     def spatial_shape(self) -> tuple[int, int, int]:
         return tuple(int(s) for s in self.data.shape[-3:])  # type: ignore[return-value]
 
+    @property
+    def czyx(self) -> da.Array:
+        """`data` with its channel axis, (C, Z, Y, X), also for a single-channel volume."""
+        return self.data if self.data.ndim == 4 else self.data[None]
+
 
 def volume_format(path: str | Path) -> str:
     """Name the reader for `path`: 'tiff', 'nifti', 'planes', 'zarr'; InputError when unknown."""

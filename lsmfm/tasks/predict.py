@@ -142,10 +142,9 @@ def subsample_bounds(volume: Volume, cfg: NormalizeConfig, max_voxels: int = SUB
                      ) -> list[tuple[float, float]]:
     """Per-channel percentile bounds from one strided subsample of the whole volume (every voxel when
     the volume has at most `max_voxels`)."""
-    data = volume.data if volume.data.ndim == 4 else volume.data[None]
     step = max(1, math.ceil((math.prod(volume.spatial_shape) / max_voxels) ** (1 / 3)))
     bounds = []
-    for channel in data:
+    for channel in volume.czyx:
         sample = np.asarray(channel[::step, ::step, ::step].compute(), dtype=np.float32)
         lo, hi = np.percentile(sample, [cfg.lower, cfg.upper])
         bounds.append((float(lo), float(hi)))
@@ -154,8 +153,7 @@ def subsample_bounds(volume: Volume, cfg: NormalizeConfig, max_voxels: int = SUB
 
 def normalization_bounds(volume: Volume, cfg: NormalizeConfig) -> tuple[list[tuple[float, float]], str]:
     """(per-channel bounds, where they came from: "store" or "subsample")."""
-    channels = volume.data.shape[0] if volume.data.ndim == 4 else 1
-    recorded = store_bounds(volume.path, cfg, channels)
+    recorded = store_bounds(volume.path, cfg, volume.czyx.shape[0])
     if recorded is not None:
         return recorded, "store"
     return subsample_bounds(volume, cfg), "subsample"
@@ -205,7 +203,7 @@ def check_inputs(model_dir: str | Path, model: Any, config: Any, volume: Volume,
     if opts.block < max(roi):
         raise ConfigError(f"block {opts.block} is smaller than the model's patch size {list(roi)}; "
                           f"use --block {max(roi)} or more")
-    channels = volume.data.shape[0] if volume.data.ndim == 4 else 1
+    channels = volume.czyx.shape[0]
     if channels != config.backbone.in_channels:
         raise InputError(volume.path, f"has {channels} channel(s) but the model expects "
                                       f"{config.backbone.in_channels}")
@@ -259,7 +257,7 @@ def write_prediction(path: Path, model: Any, config: Any, volume: Volume, bounds
     from tqdm.auto import tqdm
 
     roi = tuple(int(v) for v in config.patch_size)
-    data = volume.data if volume.data.ndim == 4 else volume.data[None]
+    data = volume.czyx
     segment = model.task == "segment"
     blocks = plan_blocks(volume.spatial_shape, roi, opts.overlap, opts.block)  # type: ignore[arg-type]
     image, mask = create_store(path, 1 if segment else data.shape[0], volume.spatial_shape, segment,
