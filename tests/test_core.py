@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -29,6 +31,14 @@ class _Cfg:
     shots: list[int] = field(default_factory=lambda: [1, 2])
     train: _Train = field(default_factory=_Train)
     pretrained: str | None = None
+
+
+@pytest.mark.parametrize("module", ["lsmfm.losses.segmentation", "lsmfm.models.backbones"])
+def test_monai_never_pulls_in_transformers(module):
+    """Whichever lsmfm module imports MONAI first, MONAI's Transchex does not import transformers."""
+    code = f"import sys, {module}; print('monai' in sys.modules, 'transformers' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True", "False"]
 
 
 def test_config_file_and_overrides(tmp_path):

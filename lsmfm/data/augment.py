@@ -57,6 +57,7 @@ class Augmenter:
 
 
 def _compose(cfg: AugmentConfig) -> Any:
+    import lsmfm._monai  # noqa: F401  (MONAI without transformers)
     from monai.transforms import (Compose, RandAdjustContrast, RandFlip, RandRotate90, RandScaleIntensity,
                                   RandShiftIntensity)
 
@@ -83,6 +84,7 @@ def _gaussian_noise(x: torch.Tensor, prob: float, max_std: float, seed: int) -> 
 @contextlib.contextmanager
 def _plain_tensors() -> Iterator[None]:
     """Run MONAI without MetaTensor bookkeeping (2-3x faster here), restoring the global setting after."""
+    import lsmfm._monai  # noqa: F401  (MONAI without transformers)
     from monai.data import get_track_meta, set_track_meta
 
     previous = get_track_meta()

@@ -15,7 +15,8 @@ Example:
 from __future__ import annotations
 
 import torch
-from monai.losses.cldice import SoftclDiceLoss, soft_skel
+import lsmfm._monai  # noqa: F401  (before any MONAI import: MONAI without transformers)
+from monai.losses.cldice import SoftclDiceLoss, soft_skel  # noqa: I001
 from torch import nn
 
 

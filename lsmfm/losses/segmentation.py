@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from monai.losses import DiceLoss, FocalLoss
+import lsmfm._monai  # noqa: F401  (before any MONAI import: MONAI without transformers)
+from monai.losses import DiceLoss, FocalLoss  # noqa: I001
 from torch import nn
 
 from lsmfm.losses.cldice import SoftClDiceLoss

@@ -11,37 +11,15 @@ Example:
 """
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 from torch import nn
 
-
-def _import_monai_without_transformers() -> None:
-    """Import MONAI's networks while `transformers` is unimportable.
-
-    `import monai` loads every submodule, and its Transchex net imports transformers and BERT (seconds
-    of import time, and a dependency inference does not need). MONAI's optional imports then fall
-    back to placeholders (only Transchex, unused here, is affected); transformers stays importable
-    afterwards for code that needs it. Nothing is done when either package is already loaded.
-    """
-    if "monai" in sys.modules or "transformers" in sys.modules:
-        return
-    sys.modules["transformers"] = None  # type: ignore[assignment]  # makes `import transformers` fail
-    try:
-        import monai.networks.nets  # noqa: F401
-    finally:
-        if sys.modules.get("transformers", 0) is None:
-            del sys.modules["transformers"]
-
-
-_import_monai_without_transformers()
-
-from monai.networks.nets import SwinUNETR, UNet  # noqa: E402
-
-from lsmfm.weights.hub import HubMixin  # noqa: E402
+import lsmfm._monai  # noqa: F401  (before any MONAI import: MONAI without transformers)
+from monai.networks.nets import SwinUNETR, UNet  # noqa: I001
+from lsmfm.weights.hub import HubMixin
 
 
 @dataclass

@@ -126,6 +126,7 @@ class FinetuneTask:
 def sliding_window(model: nn.Module, image: np.ndarray, roi: tuple[int, int, int], overlap: float,
                    batch_size: int = 2) -> torch.Tensor:
     """Dense model output over a whole (C, Z, Y, X) image, Gaussian-blended windows of size `roi`."""
+    import lsmfm._monai  # noqa: F401  (MONAI without transformers)
     from monai.inferers import sliding_window_inference
 
     device = next(model.parameters()).device

@@ -5,7 +5,7 @@ keys are taken), a local file (`.safetensors` with its config, or a `.ckpt`/`.pt
 Lightning layout), `hf-hub:org/name[@revision]`, then the name of a registered release.
 Loading is strict: every key and shape must match the rebuilt network, or the error lists the
 missing, unexpected and mis-shaped keys. Nothing pickled is ever executed, and neither DeepSpeed
-nor transformers is imported (see `lsmfm.models.backbones`).
+nor transformers is imported (see `lsmfm/_monai.py`).
 """
 from __future__ import annotations
 
