@@ -9,7 +9,7 @@ slab by slab in a temporary folder, so the benchmark never holds a volume. The m
 segmentation model (channels 8-16-32, 64³ windows) saved with `save_task_model`. Every measurement runs
 in a fresh subprocess that records its RSS once all code is imported (baseline) and its peak RSS
 (`getrusage`); the growth is what the prediction itself needs, compared with the volume in float32.
-The in-memory baseline (`predict_block` over the whole volume: read, normalise, MONAI's
+The in-memory baseline (`predict_core` over one whole-volume block: read, normalise, MONAI's
 `sliding_window_inference`) needs several times the float32 volume, so it runs only up to
 `--in-memory-up-to` (its peak at 1024³ is about 14 GiB).
 """
@@ -131,8 +131,7 @@ def measure_in_memory(model: str, volume: str, compare: list[str], overlap: floa
     roi = tuple(config.patch_size)
     whole = tuple(slice(0, s) for s in vol.spatial_shape)
     prob = predict_core(net, vol.czyx, Block(whole, whole), config.normalize, bounds, roi,
-                        PredictOptions(overlap=overlap, batch_size=batch, device=device),
-                        next(net.parameters()).device)[0]
+                        PredictOptions(overlap=overlap, batch_size=batch, device=device))[0]
     seconds = time.perf_counter() - start
     peak = _peak_mib()
     diff = 0.0

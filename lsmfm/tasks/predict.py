@@ -34,6 +34,7 @@ from lsmfm.errors import ConfigError, InputError
 from lsmfm.device import resolve_device
 from lsmfm.io.atomic import replace_dir
 from lsmfm.io.volumes import Volume, materialize, open_volume
+from lsmfm.tasks.base import sliding_window
 
 SUBSAMPLE_VOXELS = 2_000_000
 OUTPUT_CHUNK = 64
@@ -262,10 +263,8 @@ def write_prediction(path: Path, model: Any, config: Any, volume: Volume, bounds
     blocks = plan_blocks(volume.spatial_shape, roi, opts.overlap, opts.block)  # type: ignore[arg-type]
     image, mask = create_store(path, 1 if segment else data.shape[0], volume.spatial_shape, segment,
                                output_chunk(blocks))
-    device = next(model.parameters()).device
     for blk in tqdm(blocks, desc="predict", unit="block", disable=not progress, dynamic_ncols=True):
-        core = predict_core(model, data, blk, config.normalize, bounds, roi,  # type: ignore[arg-type]
-                            opts, device)
+        core = predict_core(model, data, blk, config.normalize, bounds, roi, opts)  # type: ignore[arg-type]
         where = (slice(None),) + blk.core
         if segment:
             image[where] = core
@@ -282,29 +281,22 @@ def write_prediction(path: Path, model: Any, config: Any, volume: Volume, bounds
 
 
 def predict_core(model: torch.nn.Module, data: Any, blk: Block, norm: NormalizeConfig,
-                 bounds: list[tuple[float, float]], roi: tuple[int, int, int], opts: PredictOptions,
-                 device: torch.device) -> np.ndarray:
+                 bounds: list[tuple[float, float]], roi: tuple[int, int, int], opts: PredictOptions
+                 ) -> np.ndarray:
     """Read one block's region from the lazy (C, Z, Y, X) `data`, normalise it and predict it; the
     result over the block's core. Each buffer is released as soon as the next one exists."""
     raw = materialize(data[(slice(None),) + blk.region], scheduler="synchronous")
     block = normalize_channels(raw, norm, bounds)
     del raw
-    return predict_block(model, block, roi, opts, device)[(slice(None),) + blk.core_in_region]
+    return predict_block(model, block, roi, opts)[(slice(None),) + blk.core_in_region]
 
 
-@torch.inference_mode()
-def predict_block(model: torch.nn.Module, block: np.ndarray, roi: tuple[int, int, int], opts: PredictOptions,
-                  device: torch.device) -> np.ndarray:
+def predict_block(model: torch.nn.Module, block: np.ndarray, roi: tuple[int, int, int], opts: PredictOptions
+                  ) -> np.ndarray:
     """Gaussian-blended sliding window over one normalised (C, Z, Y, X) block: segmentation
     probabilities (1, Z, Y, X) or the restored image in normalised units (C, Z, Y, X)."""
-    from monai.inferers import sliding_window_inference
-
-    x = torch.from_numpy(np.ascontiguousarray(block))[None].to(device)
-    y = sliding_window_inference(x, list(roi), opts.batch_size, model, overlap=opts.overlap, mode="gaussian",
-                                 padding_mode="constant")[0]
-    if model.task == "segment":
-        y = y.sigmoid_()
-    return y.float().cpu().numpy()
+    y = sliding_window(model, block, roi, opts.overlap, opts.batch_size)
+    return (y.sigmoid_() if model.task == "segment" else y).numpy()
 
 
 def create_store(path: Path, channels: int, shape: tuple[int, int, int], segment: bool,
