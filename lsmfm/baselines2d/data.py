@@ -14,7 +14,6 @@ Folder layouts, tried in this order:
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ import numpy as np
 from lsmfm.baselines2d.config import Data2DConfig
 from lsmfm.data.normalize import NormalizeConfig, percentile_normalize
 from lsmfm.errors import ConfigError, InputError
+from lsmfm.io.volumes import natural_key
 
 SUFFIXES = (".png", ".tif", ".tiff", ".nii.gz", ".nii", ".zarr")
 
@@ -129,7 +129,7 @@ def _data_files(folder: Path) -> list[Path]:
 
 def natural_sorted(paths: Iterable[Path]) -> list[Path]:
     """Sorted with digit runs compared as numbers: 2.png before 10.png."""
-    return sorted(paths, key=lambda p: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p.name)])
+    return sorted(paths, key=natural_key)
 
 
 def load_case(image_path: Path, label_path: Path, normalize: NormalizeConfig) -> Case:

@@ -30,6 +30,7 @@ from lsmfm.config import from_dict, read_yaml
 from lsmfm.errors import ConfigError, InputError
 from lsmfm.io import omezarr
 from lsmfm.io.atomic import atomic_write_text
+from lsmfm.io.volumes import natural_key
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".tif", ".tiff", ".zarr")
 
@@ -107,11 +108,6 @@ class CatalogEntry:
             raise InputError(path, f"catalog entry {self.id!r}: collection folder holds no finished *.zarr "
                                    f"image; {hint}")
         return found
-
-
-def natural_key(p: Path) -> list:
-    """Sort key that orders 'p2' before 'p10'."""
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p.name)]
 
 
 def volume_stem(path: Path) -> str:

@@ -19,6 +19,7 @@ import numpy as np
 
 from lsmfm.errors import InputError
 from lsmfm.io import omezarr
+from lsmfm.io.atomic import replace_dir
 from lsmfm.io.volumes import open_volume
 
 PERCENTILES = (0.1, 0.5, 1.0, 2.0, 5.0, 50.0, 95.0, 98.0, 99.0, 99.5, 99.8, 99.9)
@@ -61,7 +62,7 @@ def ingest_array(data: da.Array | np.ndarray, voxel_size: Sequence[float], out: 
     shutil.rmtree(partial, ignore_errors=True)
     try:
         _write_store(partial, data, voxel, label_data, factors, chunk, progress, list(sources), where)
-        _replace(partial, out)
+        replace_dir(partial, out)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
@@ -199,13 +200,3 @@ def _write_labels(group: Any, labels: Mapping[str, da.Array], voxel: tuple[float
         omezarr.write_ome(sub, {"multiscales": [omezarr.multiscales_metadata(name, voxel, factors, "max")],
                                 "image-label": {"source": {"image": "../../"}}})
     omezarr.write_ome(parent, {"labels": list(labels)})
-
-
-def _replace(partial: Path, out: Path) -> None:
-    """Move the finished store into place; an old store is removed only after the new one is complete."""
-    old = out.with_name(out.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if out.exists():
-        out.rename(old)
-    partial.rename(out)
-    shutil.rmtree(old, ignore_errors=True)

@@ -217,7 +217,8 @@ def _nifti_voxel_size(img) -> tuple[float, float, float]:
     return (um[2], um[1], um[0])
 
 
-def _natural_key(p: Path) -> list:
+def natural_key(p: Path) -> list:
+    """Sort key comparing digit runs as numbers: 'p2' before 'p10'."""
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p.name)]
 
 
@@ -225,7 +226,7 @@ def _open_planes(path: Path) -> Volume:
     import dask
     import tifffile
 
-    files = sorted((f for f in path.iterdir() if f.suffix.lower() in TIFF_SUFFIXES), key=_natural_key)
+    files = sorted((f for f in path.iterdir() if f.suffix.lower() in TIFF_SUFFIXES), key=natural_key)
     with tifffile.TiffFile(files[0]) as tif:
         first = tif.series[0]
         shape, dtype = first.shape, first.dtype

@@ -11,6 +11,7 @@ from torch import nn
 
 from lsmfm.baselines2d.config import PeftConfig
 from lsmfm.baselines2d.methods import lora
+from lsmfm.baselines2d.methods.common import set_part
 from lsmfm.baselines2d.models.base import Segmenter2D
 from lsmfm.errors import ConfigError
 
@@ -43,21 +44,12 @@ def quantize_linear(linear: nn.Linear, quant_type: str) -> nn.Module:
     return q.to(linear.weight.device)
 
 
-def quantize_layers(model: Segmenter2D, quant_type: str) -> int:
-    """Replace every nn.Linear inside the encoder's transformer layers by its 4-bit version; returns the
-    number replaced."""
-    count = 0
+def quantize_layers(model: Segmenter2D, quant_type: str) -> None:
+    """Replace every nn.Linear inside the encoder's transformer layers by its 4-bit version."""
     for layer in model.layers:
         for name, module in list(layer.named_modules()):
             if type(module) is nn.Linear:
-                parent, _, attr = name.rpartition(".")
-                setattr(
-                    layer.get_submodule(parent) if parent else layer,
-                    attr,
-                    quantize_linear(module, quant_type),
-                )
-                count += 1
-    return count
+                set_part(layer, name, quantize_linear(module, quant_type))
 
 
 def apply(model: Segmenter2D, cfg: PeftConfig) -> None:
