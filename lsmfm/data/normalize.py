@@ -60,3 +60,12 @@ def normalize_channels(image: np.ndarray, cfg: NormalizeConfig = NormalizeConfig
         out[c] = channel
         percentile_normalize(out[c], cfg, (float(lo_hi[0]), float(lo_hi[1])), inplace=True)
     return out
+
+
+def denormalize_channels(image: np.ndarray, bounds: list[tuple[float, float]]) -> np.ndarray:
+    """Map a normalised float (C, Z, Y, X) image back to intensity units by its `bounds[c]`, in place
+    (deblurring outputs, per patch and per prediction block); returns `image`."""
+    for channel, (lo, hi) in zip(image, bounds):
+        channel *= hi - lo
+        channel += lo
+    return image

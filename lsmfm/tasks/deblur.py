@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lsmfm.data.normalize import NormalizeConfig, normalize_channels
+from lsmfm.data.normalize import NormalizeConfig, denormalize_channels, normalize_channels
 from lsmfm.tasks.base import Example, FinetuneTask, Scores, sliding_window
 from lsmfm.tasks.config import DataConfig, DeblurConfig
 from lsmfm.tasks.data import Patch, load_split
@@ -98,5 +98,5 @@ class DeblurTask(FinetuneTask):
         """The deblurred images in the input's intensity units (float32)."""
         for out, ex in zip(scores.predictions, examples):
             assert ex.bounds is not None
-            raw = np.stack([c * (hi - lo) + lo for c, (lo, hi) in zip(out, ex.bounds)]).astype(np.float32)
+            raw = denormalize_channels(np.array(out, dtype=np.float32), ex.bounds)
             write_prediction(raw[0] if len(raw) == 1 else raw, ex.patch, out_dir, "deblurred", fmt)

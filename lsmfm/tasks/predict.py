@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lsmfm.data.normalize import NormalizeConfig, normalize_channels
+from lsmfm.data.normalize import NormalizeConfig, denormalize_channels, normalize_channels
 from lsmfm.errors import ConfigError, InputError
 from lsmfm.device import resolve_device
 from lsmfm.io.atomic import replace_dir
@@ -269,11 +269,8 @@ def write_prediction(path: Path, model: Any, config: Any, volume: Volume, bounds
         if segment:
             image[where] = core
             mask[where] = np.greater(core, threshold).view(np.uint8)
-        else:  # back to the input's intensity units, in place
-            for channel, (lo, hi) in zip(core, bounds):
-                channel *= hi - lo
-                channel += lo
-            image[where] = core
+        else:
+            image[where] = denormalize_channels(core, bounds)
         del core  # before the next block is read: two blocks' buffers never coexist
     one_pass = math.prod(windows_along(s, r, opts.overlap) for s, r in zip(volume.spatial_shape, roi))
     return {"blocks": len(blocks), "windows": count_windows(blocks, roi, opts.overlap),
