@@ -33,12 +33,13 @@ def step_benchmark(arch: str, size: int, batch: int, steps: int, device_name: st
     """Seconds per optimizer step (median of `steps` after one warm-up step; wall and process CPU time)
     and peak memory."""
     from lsmfm.config import from_dict
+    from lsmfm.device import resolve_device
     from lsmfm.models.ssl import SSLConfig, SSLModel
     from lsmfm.training import distributed
     from lsmfm.training.pretrain import TrainConfig, build_engine
 
     torch.manual_seed(0)
-    device = distributed.device_for(device_name)
+    device = resolve_device(device_name, distributed.ensure_env().local_rank)
     env = distributed.init(device)
     model_cfg = from_dict(SSLConfig, {"backbone": BACKBONES[arch], "use_text": False})
     train = TrainConfig(batch_size=batch, zero_stage=0, device=device_name)

@@ -46,7 +46,7 @@ class BenchData:
 
 def prepare_real(work: Path) -> BenchData:
     """Ingest the 10 real pretraining patches (catalog with their text prompts) via the paper importer."""
-    from lsmfm.data.paper_import import import_paper
+    from lsmfm.data.catalog.paper import import_paper
 
     catalog = work / "real" / "catalog.yaml"
     if not catalog.exists():
@@ -59,9 +59,10 @@ def prepare_real(work: Path) -> BenchData:
 
 def prepare_synthetic(work: Path, size: int = 192, patches_per_volume: int = 5) -> BenchData:
     """Two synthetic volumes ingested to OME-Zarr, and 96³ gzipped NIfTI patches cut from them."""
-    from lsmfm.data.catalog import write_catalog
-    from lsmfm.data.ingest import ingest_array
-    from lsmfm.data.synthetic import generate_volume, preset_config, write_nifti
+    from lsmfm.data.catalog.entries import write_catalog
+    from lsmfm.data.ingest.convert import ingest_array
+    from lsmfm.data.synthetic.volume import generate_volume, preset_config
+    from lsmfm.data.synthetic.write import write_nifti
 
     root = work / "synthetic"
     catalog = root / "catalog.yaml"
@@ -89,7 +90,7 @@ def prepare_synthetic(work: Path, size: int = 192, patches_per_volume: int = 5) 
 def stream_config(catalog: Path, augment: bool = False, target: list[float] | None = None):
     """96³ patches, or with `target` (µm) 64³ patches resampled from the region that covers."""
     from lsmfm.config import load_config
-    from lsmfm.data.stream import StreamConfig
+    from lsmfm.data.stream.config import StreamConfig
 
     patch = 96 if target is None else 64
     cfg = load_config(StreamConfig, None, [f"augment.enabled={str(augment).lower()}",
@@ -141,13 +142,13 @@ def measure(pipelines: list[Pipeline], rounds: int = 5) -> dict[str, float]:
 
 
 def lsmfm_sample(cfg) -> Callable[[int], object]:
-    from lsmfm.data.stream import PatchStream
+    from lsmfm.data.stream.dataset import PatchStream
 
     return PatchStream(cfg, seed=0).sample
 
 
 def lsmfm_loader(cfg, workers: int, batch: int) -> Callable[[int], object]:
-    from lsmfm.data.stream import make_loader
+    from lsmfm.data.stream.dataset import make_loader
 
     batches = iter(make_loader(cfg, batch, num_workers=workers, seed=0))
     return lambda i: next(batches)
@@ -198,8 +199,8 @@ def chunk_files(image, start: tuple[int, ...]) -> list[Path]:
 def decode_ceiling(cfg, indices: int) -> tuple[Callable[[int], object], float, float]:
     """Blosc decoding of the chunk bytes covering the same patches as (a), into a reused buffer: the
     decompression work of (a) and nothing else. Returns (fn, chunks per patch, compressed MB per patch)."""
-    from lsmfm.data.chunk_reader import open_reader
-    from lsmfm.data.stream import PatchStream
+    from lsmfm.data.stream.chunk_reader import open_reader
+    from lsmfm.data.stream.dataset import PatchStream
 
     stream = PatchStream(cfg, seed=0)
     readers, payloads = {}, []
@@ -217,7 +218,7 @@ def decode_ceiling(cfg, indices: int) -> tuple[Callable[[int], object], float, f
 
 
 def voxel_sizes(catalog: Path) -> list[tuple[float, float, float]]:
-    from lsmfm.data.catalog import load_catalog
+    from lsmfm.data.catalog.entries import load_catalog
     from lsmfm.io.omezarr import open_image
 
     return [open_image(image)[1].voxel_sizes[0]

@@ -33,7 +33,7 @@ def scene(cls: str, size: int, rng: np.random.Generator) -> tuple[np.ndarray, np
 def write_dataset(root: Path, n_train: int = 2, n_eval: int = 1, size: int = 32) -> dict[str, Path]:
     """train/val/test folders of the synthetic generator (`<structure>_patch_NNN_volNNN_ch0` + `_label` +
     `_blurred`), `n_train` / `n_eval` patches per structure (amyloid_plaque, cell_nucleus, vessels)."""
-    from lsmfm.data.synthetic import write_finetune_patches
+    from lsmfm.data.synthetic.write import write_finetune_patches
 
     write_finetune_patches(root, {"train": n_train, "val": n_eval, "test": n_eval}, patch=size, seed=0,
                            progress=False)

@@ -17,9 +17,9 @@ DESCRIPTIONS = {"cell_nucleus": ["synthetic light-sheet volume with a nuclear st
 
 def synthetic_catalog(root: Path, size: int = 48) -> Path:
     """Two synthetic volumes (nuclei, vessels) ingested as OME-Zarr, and a catalog naming them."""
-    from lsmfm.data.catalog import write_catalog
-    from lsmfm.data.ingest import ingest_array
-    from lsmfm.data.synthetic import generate_volume, preset_config
+    from lsmfm.data.catalog.entries import write_catalog
+    from lsmfm.data.ingest.convert import ingest_array
+    from lsmfm.data.synthetic.volume import generate_volume, preset_config
 
     entries = []
     for i, (structure, texts) in enumerate(DESCRIPTIONS.items()):

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from lsmfm.config import load_config
-from lsmfm.data.augment import AugmentConfig, Augmenter
+from lsmfm.data.stream.augment import Augmenter
+from lsmfm.data.stream.config import AugmentConfig
 from lsmfm.errors import ConfigError
 
 NONE = dict(flip_prob=0.0, rot90_prob=0.0, scale_prob=0.0, shift_prob=0.0, gamma_prob=0.0, noise_prob=0.0)

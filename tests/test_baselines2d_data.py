@@ -18,7 +18,7 @@ from lsmfm.baselines2d.data import (
 )
 from lsmfm.baselines2d.domains import dataset_samples, linear_probe_accuracy, pca_2d
 from lsmfm.baselines2d.evaluate import score_case
-from lsmfm.baselines2d.instance_metrics import accuracy_per_threshold, mean_segmentation_accuracy
+from lsmfm.metrics.instances import accuracy_per_threshold, mean_segmentation_accuracy
 from lsmfm.data.normalize import NormalizeConfig
 from lsmfm.errors import InputError
 

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 
 from lsmfm.cli.main import main
-from lsmfm.data.catalog import load_catalog, validate_catalog, write_catalog
-from lsmfm.data.catalog_ingest import ingest_catalog
-from lsmfm.data.paper_import import import_paper, stain_from_text
-from lsmfm.data.synthetic import STRUCTURES, write_demo_catalog, write_nifti, write_synth_dataset
+from lsmfm.data.catalog.entries import load_catalog, validate_catalog, write_catalog
+from lsmfm.data.catalog.materialize import ingest_catalog
+from lsmfm.data.catalog.paper import import_paper, stain_from_text
+from lsmfm.data.synthetic.volume import STRUCTURES
+from lsmfm.data.synthetic.write import write_demo_catalog, write_nifti, write_synth_dataset
 from lsmfm.errors import ConfigError, InputError
 from lsmfm.io.omezarr import open_image
 

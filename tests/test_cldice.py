@@ -10,7 +10,7 @@ from monai.losses import DiceLoss, FocalLoss
 
 from lsmfm.losses.cldice import SoftClDiceLoss, soft_skeleton
 from lsmfm.losses.segmentation import SegmentationLoss
-from lsmfm.tasks.metrics import cldice_score, dice_score
+from lsmfm.metrics.segmentation import cldice_score, dice_score
 
 
 

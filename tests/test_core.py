@@ -15,7 +15,7 @@ from lsmfm.cli.main import main
 from lsmfm.config import load_config, save_config
 from lsmfm.errors import ConfigError, InputError
 from lsmfm.io.atomic import atomic_dir, atomic_write_text
-from lsmfm.tasks.metrics import dice_score, iou_score
+from lsmfm.metrics.segmentation import dice_score, iou_score
 from lsmfm.tasks.results import fewshot_subset, format_table, plot_metrics, write_results
 
 

@@ -88,7 +88,7 @@ def finetune_curves(root: Path, weights: Path) -> dict[str, dict]:
 def assert_close(got, want, where: str) -> None:
     """Same structure, strings and ints equal, floats within REL/ABS (inf equals inf)."""
     if isinstance(want, dict):
-        assert isinstance(got, dict) and set(got) == set(want), f"{where}: keys {sorted(got)} != {sorted(want)}"
+        assert isinstance(got, dict) and set(got) == set(want), f"{where}: {sorted(got)} != {sorted(want)}"
         for k in want:
             assert_close(got[k], want[k], f"{where}.{k}")
     elif isinstance(want, list):

@@ -23,9 +23,9 @@ TINY = Path(__file__).resolve().parents[1] / "pretrain" / "tiny.yaml"
 
 def synthetic_catalog(root: Path) -> Path:
     """Two small synthetic volumes (nuclei, vessels) as OME-Zarr stores, and a catalog naming them."""
-    from lsmfm.data.catalog import write_catalog
-    from lsmfm.data.ingest import ingest_array
-    from lsmfm.data.synthetic import generate_volume, preset_config
+    from lsmfm.data.catalog.entries import write_catalog
+    from lsmfm.data.ingest.convert import ingest_array
+    from lsmfm.data.synthetic.volume import generate_volume, preset_config
 
     entries = []
     for i, structure in enumerate(("cell_nucleus", "vessels")):

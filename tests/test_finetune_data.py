@@ -132,12 +132,11 @@ def test_bad_inputs_stop_before_any_output(tmp_path: Path, capsys: pytest.Captur
 
 def test_pretrained_patch_size_must_fit_the_data(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from lsmfm.models.backbones import BackboneConfig, build_backbone
-    from lsmfm.weights.format import save_pretrained
 
     dirs = write_dataset(tmp_path / "data", n_train=1, n_eval=1, size=32)
     net = build_backbone(BackboneConfig(channels=[8, 16, 32], strides=[2, 2], out_channels=8,
                                         num_res_units=1))
-    weights = save_pretrained(net, tmp_path / "weights", patch_size=[64, 64, 64])
+    weights = net.save_pretrained(tmp_path / "weights", patch_size=[64, 64, 64])
     _fails(["finetune", "segment", *data_overrides(dirs), f"pretrained={weights}", "train.max_steps=1"],
            tmp_path / "run", capsys,
            "is smaller than the patch size [64, 64, 64] (patch size of the pretrained model")

@@ -104,7 +104,7 @@ def test_classify_through_cli(dataset: dict[str, Path], tmp_path: Path, capsys: 
 
 def test_deblur_from_synthetic_pairs(dataset: dict[str, Path], tmp_path: Path) -> None:
     from lsmfm.tasks.fewshot import plan_fewshot, run_fewshot
-    from lsmfm.tasks.metrics import psnr
+    from lsmfm.metrics.restoration import psnr
 
     cfg = load_config(CONFIG_CLASSES["deblur"], None, [*data_overrides(dataset), "init=scratch", "shots=[1]",
                                                         "deblur.pairs=synthetic", *FAST])
@@ -139,11 +139,10 @@ def test_deblur_reads_blurred_files(dataset: dict[str, Path]) -> None:
 
 def test_segment_pretrained_vs_scratch_through_cli(dataset: dict[str, Path], tmp_path: Path,
                                                    capsys: pytest.CaptureFixture) -> None:
-    from lsmfm.weights.format import save_pretrained
 
     net = build_backbone(BackboneConfig(channels=[8, 16, 32], strides=[2, 2], out_channels=8,
                                         num_res_units=1))
-    weights = save_pretrained(net, tmp_path / "weights", patch_size=[32, 32, 32])
+    weights = net.save_pretrained(tmp_path / "weights", patch_size=[32, 32, 32])
     run = tmp_path / "run"
     argv = ["finetune", "segment", "--out", str(run), *data_overrides(dataset), f"pretrained={weights}",
             "shots=[1,2]", "seeds=[0,1]", "train.max_steps=4", "train.val_every=2", "train.batch_size=1",
@@ -192,9 +191,9 @@ def test_segment_from_catalog_entries(tmp_path: Path) -> None:
     """Catalog entries with NGFF label images: whole ingested volumes, classes from `class_label`."""
     from finetune_helpers import scene
 
-    from lsmfm.data.catalog import write_catalog
-    from lsmfm.data.catalog_ingest import ingest_catalog
-    from lsmfm.data.synthetic import write_tiff
+    from lsmfm.data.catalog.entries import write_catalog
+    from lsmfm.data.catalog.materialize import ingest_catalog
+    from lsmfm.data.synthetic.write import write_tiff
     from lsmfm.tasks.data import load_split
 
     rng = np.random.default_rng(0)

@@ -16,9 +16,9 @@ import tifffile
 import zarr
 
 from lsmfm.cli.main import main
-from lsmfm.data.catalog import load_catalog, validate_catalog, write_catalog
-from lsmfm.data.ingest import ingest, ingest_array, pyramid_factors
-from lsmfm.data.synthetic import write_nifti, write_tiff
+from lsmfm.data.catalog.entries import load_catalog, validate_catalog, write_catalog
+from lsmfm.data.ingest.convert import ingest, ingest_array, pyramid_factors
+from lsmfm.data.synthetic.write import write_nifti, write_tiff
 from lsmfm.errors import InputError
 from lsmfm.io.omezarr import is_complete_image, open_image, stored_percentile
 
@@ -153,7 +153,7 @@ def test_ingest_array_rejects_bad_arrays(array, voxel, fragment, tmp_path):
 
 
 def test_failure_midway_leaves_no_store(tiff_pair, tmp_path, monkeypatch):
-    from lsmfm.data import pyramid
+    from lsmfm.data.ingest import pyramid
 
     def boom(*args, **kwargs):
         raise KeyboardInterrupt
@@ -168,7 +168,7 @@ def test_killed_ingest_never_looks_complete_and_rerun_finishes(tmp_path):
     out = tmp_path / "k.zarr"
     script = textwrap.dedent(f"""
         import time, numpy as np, dask.array as da
-        from lsmfm.data.ingest import ingest_array
+        from lsmfm.data.ingest.convert import ingest_array
         def slow(block):
             time.sleep(0.05)
             return block + 1
@@ -194,7 +194,7 @@ def test_killed_ingest_never_looks_complete_and_rerun_finishes(tmp_path):
 BOUNDED = """
 import resource, sys
 import numpy as np, dask.array as da
-from lsmfm.data.ingest import ingest_array
+from lsmfm.data.ingest.convert import ingest_array
 
 def pattern(block_info=None):
     (z0, z1), (y0, y1), (x0, x1) = block_info[None]["array-location"]

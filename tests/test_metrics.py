@@ -7,8 +7,10 @@ import math
 import numpy as np
 import pytest
 
-from lsmfm.tasks.metrics import (accuracy, balanced_accuracy, cldice_score, confusion_matrix, dice_score,
-                                 macro_f1, plot_confusion_matrix, psnr)
+from lsmfm.metrics.classification import (accuracy, balanced_accuracy, confusion_matrix, macro_f1,
+                                          plot_confusion_matrix)
+from lsmfm.metrics.restoration import psnr
+from lsmfm.metrics.segmentation import cldice_score, dice_score
 
 
 def line_mask(length: int = 20) -> np.ndarray:

@@ -15,7 +15,6 @@ import torch
 import lsmfm
 from lsmfm.errors import InputError
 from lsmfm.models.backbones import BackboneConfig, build_backbone
-from lsmfm.weights.format import save_pretrained
 from lsmfm.weights.registry import RELEASES, check_arch
 
 TINY_UNET = BackboneConfig(arch="unet", channels=[4, 8, 16], strides=[2, 2], out_channels=8)
@@ -93,7 +92,7 @@ def test_paper_width_unet_shapes_are_inferred(tmp_path):
     check_arch(RELEASES["unet_image_only"], net.config, path)
     assert_same_state(net, encoder(sd, "teacher"))
     assert sum(p.numel() for p in net.parameters()) == 19_030_321  # MONAI 1.4 and 1.6 alike
-    converted = save_pretrained(net, tmp_path / "converted")  # the paper's weights in our format
+    converted = net.save_pretrained(tmp_path / "converted")  # the paper's weights in our format
     again = lsmfm.load_pretrained(converted)
     assert_same_state(again, encoder(sd, "teacher"))
     assert again.lsmfm_config == net.lsmfm_config

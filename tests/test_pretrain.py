@@ -132,7 +132,7 @@ def test_deepspeed_config_batch_arithmetic_and_precision():
 @pytest.mark.slow
 def test_real_patches_with_their_text_prompts(shared_data, tmp_path):
     """20 steps on the paper's 10 real brain patches, ingested with their prompts: finite, non-collapsed."""
-    from lsmfm.data.paper_import import import_paper
+    from lsmfm.data.catalog.paper import import_paper
 
     root = shared_data / "lsm_fm_samples" / "pretrain"
     catalog = import_paper(root / "wu_brain_patches", root / "text_prompts_wu.json", tmp_path / "stores",

@@ -7,7 +7,7 @@ import torch
 from skimage.metrics import structural_similarity
 
 from lsmfm.losses.ssim import SSIMLoss, gaussian_window, ssim
-from lsmfm.tasks.metrics import ssim3d
+from lsmfm.metrics.restoration import ssim3d
 
 
 def pair(shape=(20, 24, 22), noise=0.15, seed=0) -> tuple[np.ndarray, np.ndarray]:

@@ -11,12 +11,14 @@ import torch
 
 from lsmfm.cli.main import main
 from lsmfm.config import load_config
-from lsmfm.data.catalog import write_catalog
-from lsmfm.data.ingest import ingest_array
+from lsmfm.data.catalog.entries import write_catalog
+from lsmfm.data.ingest.convert import ingest_array
 from lsmfm.data.normalize import percentile_normalize
-from lsmfm.data.sampling import (ForegroundConfig, ForegroundMap, choose_position, choose_weighted,
-                                 plan_image, sample_rng, worker_indices)
-from lsmfm.data.stream import PatchStream, StreamConfig, make_loader, stream_report
+from lsmfm.data.stream.config import ForegroundConfig
+from lsmfm.data.stream.sampling import (ForegroundMap, choose_position, choose_weighted, plan_image,
+                                        sample_rng, worker_indices)
+from lsmfm.data.stream.config import StreamConfig
+from lsmfm.data.stream.dataset import PatchStream, make_loader, stream_report
 from lsmfm.errors import ConfigError, InputError, LsmfmError
 from lsmfm.io.omezarr import open_image, stored_percentile
 
@@ -227,8 +229,8 @@ def test_report_and_cli(stores, capsys, tmp_path):
 
 @pytest.mark.shared
 def test_real_data_streams_with_text(shared_data, tmp_path):
-    from lsmfm.data.catalog_ingest import ingest_catalog
-    from lsmfm.data.paper_import import paper_entries
+    from lsmfm.data.catalog.materialize import ingest_catalog
+    from lsmfm.data.catalog.paper import paper_entries
 
     pretrain = shared_data / "lsm_fm_samples" / "pretrain"
     catalog_path = tmp_path / "real.yaml"
@@ -257,7 +259,7 @@ def test_chunk_reader_matches_zarr(tmp_path):
     import zarr
     from zarr.codecs import BloscCodec
 
-    from lsmfm.data.chunk_reader import ChunkReader, open_reader
+    from lsmfm.data.stream.chunk_reader import ChunkReader, open_reader
 
     rng = np.random.default_rng(0)
     data = rng.integers(0, 60000, (2, 21, 30, 17)).astype(np.uint16)

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 
 from lsmfm.cli.main import main
-from lsmfm.data import synth_optics, synth_scene
-from lsmfm.data.synthetic import (STRUCTURES, SynthConfig, demo_volume_names, derived_seed, generate_volume,
-                                  preset_config, write_finetune_patches)
+from lsmfm.data.synthetic import optics as synth_optics
+from lsmfm.data.synthetic import scene as synth_scene
+from lsmfm.data.synthetic.volume import STRUCTURES, SynthConfig, derived_seed, generate_volume, preset_config
+from lsmfm.data.synthetic.write import demo_volume_names, write_finetune_patches
 from lsmfm.io.volumes import read_volume
 
 SMALL = SynthConfig(shape=(24, 48, 40), seed=3, min_plaques=2)

@@ -7,8 +7,8 @@ import pytest
 import tifffile
 import zarr
 
-from lsmfm.data.ingest import ingest
-from lsmfm.data.synthetic import write_nifti, write_tiff
+from lsmfm.data.ingest.convert import ingest
+from lsmfm.data.synthetic.write import write_nifti, write_tiff
 from lsmfm.errors import InputError
 from lsmfm.io.omezarr import open_image
 from lsmfm.io.volumes import open_volume, read_volume

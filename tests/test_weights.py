@@ -17,7 +17,7 @@ from test_paper_checkpoints import TINY_UNET, assert_same_state, encoder, write_
 import lsmfm
 from lsmfm.errors import ConfigError, InputError
 from lsmfm.models.backbones import BackboneConfig, SwinUNETRBackbone, UNetBackbone, build_backbone
-from lsmfm.weights.format import ModelConfig, read_model_dir, save_model_dir, save_pretrained
+from lsmfm.weights.format import ModelConfig, read_model_dir, save_model_dir
 from lsmfm.weights.registry import RELEASES, Release, register_release
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,8 +27,8 @@ REPO = Path(__file__).resolve().parents[1]
 def tiny_dir(tmp_path) -> tuple[Path, torch.nn.Module]:
     torch.manual_seed(0)
     net = build_backbone(TINY_UNET)
-    out = save_pretrained(net, tmp_path / "model", patch_size=[32, 32, 32], voxel_size=[2.0, 1.0, 1.0],
-                          pretraining={"mode": "image_only", "which": "teacher", "data": ["synthetic"]})
+    out = net.save_pretrained(tmp_path / "model", patch_size=[32, 32, 32], voxel_size=[2.0, 1.0, 1.0],
+                              pretraining={"mode": "image_only", "which": "teacher", "data": ["synthetic"]})
     return out, net
 
 
@@ -49,8 +49,8 @@ def test_round_trip_through_the_folder(tiny_dir):
 def test_existing_folder_is_not_overwritten_by_accident(tiny_dir):
     folder, net = tiny_dir
     with pytest.raises(InputError, match="already exists"):
-        save_pretrained(net, folder)
-    save_pretrained(net, folder, overwrite=True, patch_size=[64, 64, 64])
+        net.save_pretrained(folder)
+    net.save_pretrained(folder, overwrite=True, patch_size=[64, 64, 64])
     assert read_model_dir(folder)[0].patch_size == [64, 64, 64]
 
 
@@ -234,9 +234,24 @@ def test_readme_snippet_runs(tmp_path, monkeypatch):
     blocks = re.findall(r"<!-- test: run -->\n```python\n(.*?)```", text, flags=re.S)
     assert blocks, "no runnable snippet marked in README.md"
     monkeypatch.chdir(tmp_path)
-    save_pretrained(build_backbone(BackboneConfig(channels=[4, 8, 16], strides=[2, 2], out_channels=8)),
-                    "runs/exported", patch_size=[32, 32, 32])
+    build_backbone(BackboneConfig(channels=[4, 8, 16], strides=[2, 2], out_channels=8)).save_pretrained(
+        "runs/exported", patch_size=[32, 32, 32])
     for code in blocks:
         scope: dict = {}
         exec(compile(code, "README.md", "exec"), scope)
         assert scope["features"].shape == (1, 8, 32, 32, 32) and scope["embedding"].shape == (1, 8)
+
+
+def test_a_bare_name_means_the_same_for_load_pretrained_and_from_pretrained(tiny_dir, monkeypatch):
+    """`org/name` is a Hub repository for both (after local paths and registered releases)."""
+    folder, net = tiny_dir
+    repos = []
+    import huggingface_hub
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda **kw: repos.append(kw["repo_id"]) or str(folder))
+    assert_same_state(lsmfm.load_pretrained("lab/lsm-unet"), net.state_dict())
+    assert_same_state(UNetBackbone.from_pretrained("lab/lsm-unet"), net.state_dict())
+    assert repos == ["lab/lsm-unet", "lab/lsm-unet"]
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda **kw: (_ for _ in ()).throw(OSError("offline")))
+    for load in (lsmfm.load_pretrained, UNetBackbone.from_pretrained):
+        with pytest.raises(InputError, match="hf-hub:lab/typo: not a local file or folder nor a registered release"):
+            load("lab/typo")

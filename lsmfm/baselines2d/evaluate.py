@@ -1,5 +1,5 @@
 """Score a 2D baseline on whole cases: slice predictions stacked back to 3D for volumes, then Dice, clDice,
-IoU (lsmfm.tasks.metrics, the finetuning metrics) and the instance accuracy over IoU thresholds 0.5:0.95."""
+IoU (lsmfm.metrics.segmentation, as in finetuning) and the instance accuracy over IoU thresholds 0.5:0.95."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import numpy as np
 import torch
 
 from lsmfm.baselines2d.data import Case
-from lsmfm.baselines2d.instance_metrics import mean_segmentation_accuracy
+from lsmfm.metrics.instances import mean_segmentation_accuracy
 from lsmfm.baselines2d.models.base import Segmenter2D
-from lsmfm.tasks.metrics import cldice_score, dice_score, iou_score
+from lsmfm.metrics.segmentation import cldice_score, dice_score, iou_score
 
 METRICS = ("dice", "cldice", "iou", "seg_accuracy")
 

@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from lsmfm.data.catalog import validate_catalog
+    from lsmfm.data.catalog.entries import validate_catalog
 
     rows = validate_catalog(args.catalog)
     bad = [r for r in rows if r["status"] != "ok"]
@@ -51,7 +51,7 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _ingest(args: argparse.Namespace) -> int:
-    from lsmfm.data.catalog_ingest import ingest_catalog
+    from lsmfm.data.catalog.materialize import ingest_catalog
 
     rows = ingest_catalog(args.catalog, overwrite=args.overwrite, progress=not args.quiet)
     print(format_rows(rows, ["id", "written", "kept", "store"]))
@@ -59,8 +59,8 @@ def _ingest(args: argparse.Namespace) -> int:
 
 
 def _import(args: argparse.Namespace) -> int:
-    from lsmfm.data.catalog import load_catalog
-    from lsmfm.data.paper_import import PAPER_CITATION, import_paper
+    from lsmfm.data.catalog.entries import load_catalog
+    from lsmfm.data.catalog.paper import PAPER_CITATION, import_paper
 
     out = import_paper(args.root, args.prompts, args.stores, args.out, ingest=not args.no_ingest,
                        licence=args.licence, citation=args.citation or PAPER_CITATION,

@@ -35,7 +35,7 @@ def _stage(title: str, argv: list[str]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lsmfm.data.synthetic import write_demo_catalog
+    from lsmfm.data.synthetic.write import write_demo_catalog
 
     out: Path = args.out
     _reset_demo_dir(out)

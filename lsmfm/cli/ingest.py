@@ -32,7 +32,7 @@ def parse_labels(items: list[str]) -> dict[str, Path]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lsmfm.data.ingest import ingest
+    from lsmfm.data.ingest.convert import ingest
     from lsmfm.io.omezarr import open_image
 
     out = ingest(args.sources, args.out, labels=parse_labels(args.label), chunk=args.chunk,

@@ -22,7 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from lsmfm.config import load_config
-    from lsmfm.data.stream import StreamConfig, format_stream_report, stream_report
+    from lsmfm.data.stream.config import StreamConfig
+    from lsmfm.data.stream.dataset import format_stream_report, stream_report
     from lsmfm.errors import InputError
     from lsmfm.io.atomic import atomic_write_text
 

@@ -16,7 +16,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lsmfm.data.synthetic import write_synth_dataset
+    from lsmfm.data.synthetic.write import write_synth_dataset
     from lsmfm.errors import InputError
 
     if args.size < 16 or args.patch < 16 or args.volumes < 1 or min(args.per_class) < 0:

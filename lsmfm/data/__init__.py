@@ -1,1 +1,1 @@
-"""Data: synthetic volumes, readers, ingest to OME-Zarr, catalog, patch streaming."""
+"""Data: synthetic volumes, ingest to OME-Zarr, catalogs, patch streaming, intensity normalisation."""

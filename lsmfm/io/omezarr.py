@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from lsmfm.errors import InputError
+from lsmfm.io.units import unit_factor
 
 NGFF_VERSION = "0.5"
 
@@ -70,14 +71,12 @@ def read_multiscales(group: Any, path: str | Path) -> Multiscales:
 
 def _spatial_um(axes: list[str], units: list[str | None], scale: list[float], path: str | Path
                 ) -> tuple[float, float, float]:
-    from lsmfm.io.volumes import _unit_factor
-
     out = []
     for name in "zyx":
         if name not in axes:
             raise InputError(path, f"multiscales axes {axes} lack spatial axis {name!r}")
         i = axes.index(name)
-        out.append(scale[i] * _unit_factor(units[i] if i < len(units) else None, 1.0))
+        out.append(scale[i] * unit_factor(units[i] if i < len(units) else None, 1.0))
     return (out[0], out[1], out[2])
 
 

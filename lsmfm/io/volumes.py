@@ -15,13 +15,10 @@ import dask.array as da
 import numpy as np
 
 from lsmfm.errors import InputError
+from lsmfm.io.units import unit_factor
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
-_UNIT_TO_UM = {
-    "m": 1e6, "meter": 1e6, "mm": 1e3, "millimeter": 1e3, "cm": 1e4, "centimeter": 1e4,
-    "um": 1.0, "µm": 1.0, "\\u00b5m": 1.0, "micron": 1.0, "micrometer": 1.0, "nm": 1e-3, "nanometer": 1e-3,
-}
 
 
 @dataclass
@@ -109,12 +106,6 @@ def _checked(vol: Volume) -> Volume:
     return Volume(data, tuple(float(v) for v in vol.voxel_size), vol.path)  # type: ignore[arg-type]
 
 
-def _unit_factor(unit: str | None, default: float = 1.0) -> float:
-    if not unit:
-        return default
-    return _UNIT_TO_UM.get(str(unit).strip().lower(), default)
-
-
 def _open_tiff(path: Path) -> Volume:
     import tifffile
     import zarr
@@ -159,7 +150,7 @@ def _tiff_voxel_size(tif) -> tuple[float, float, float]:
             return size
     page = tif.pages[0]
     ij = tif.imagej_metadata or {}
-    factor = _unit_factor(ij.get("unit"), 1.0)
+    factor = unit_factor(ij.get("unit"), 1.0)
     xy = []
     for tag in ("YResolution", "XResolution"):
         t = page.tags.get(tag)
@@ -183,7 +174,7 @@ def _ome_voxel_size(xml: str) -> tuple[float, float, float] | None:
     out = []
     for ax in "ZYX":
         val = pixels.get(f"PhysicalSize{ax}")
-        factor = _unit_factor(pixels.get(f"PhysicalSize{ax}Unit", "µm"), 1.0)
+        factor = unit_factor(pixels.get(f"PhysicalSize{ax}Unit", "µm"), 1.0)
         out.append(float(val) * factor if val else 1.0)
     return (out[0], out[1], out[2])
 
@@ -212,7 +203,7 @@ def _nifti_voxel_size(img) -> tuple[float, float, float]:
     zooms = [float(z) for z in img.header.get_zooms()[:3]]
     if unit == "unknown" and all(z == 1.0 for z in zooms):
         return (1.0, 1.0, 1.0)
-    factor = _unit_factor(unit, 1e3)
+    factor = unit_factor(unit, 1e3)
     um = [float(f"{z * factor:.6g}") for z in zooms]  # float32 zooms: keep their real precision only
     return (um[2], um[1], um[0])
 

@@ -90,7 +90,7 @@ class ClassifyTask(FinetuneTask):
 
     def score(self, model: nn.Module, examples: list[Example], roi: tuple[int, int, int], overlap: float
               ) -> Scores:
-        from lsmfm.tasks.metrics import accuracy, balanced_accuracy, macro_f1
+        from lsmfm.metrics.classification import accuracy, balanced_accuracy, macro_f1
 
         probs = np.stack([window_logits(model, ex.input, roi, overlap).softmax(0).numpy() for ex in examples])
         truth = np.array([int(ex.target) for ex in examples])
@@ -104,7 +104,7 @@ class ClassifyTask(FinetuneTask):
 
     def write_predictions(self, scores: Scores, examples: list[Example], out_dir: Path, fmt: str) -> None:
         """predictions.csv (true and predicted class, probabilities) and confusion_matrix.png."""
-        from lsmfm.tasks.metrics import confusion_matrix, plot_confusion_matrix
+        from lsmfm.metrics.classification import confusion_matrix, plot_confusion_matrix
 
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=list(scores.per_image[0]))

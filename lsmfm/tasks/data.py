@@ -123,7 +123,7 @@ def load_catalog_split(catalog: str | Path, ids: list[str], *, label: bool, bina
                        class_field: str | None) -> list[Patch]:
     """Every OME-Zarr image of the catalog entries `ids` (the entry's channel), with its label image
     (`labels:` of the entry) and class (the entry field `class_field`)."""
-    from lsmfm.data.catalog import load_catalog
+    from lsmfm.data.catalog.entries import load_catalog
 
     entries = {e.id: e for e in load_catalog(catalog)}
     unknown = [i for i in ids if i not in entries]

@@ -79,7 +79,7 @@ class DeblurTask(FinetuneTask):
 
     def score(self, model: nn.Module, examples: list[Example], roi: tuple[int, int, int], overlap: float
               ) -> Scores:
-        from lsmfm.tasks.metrics import psnr, ssim3d
+        from lsmfm.metrics.restoration import psnr, ssim3d
 
         per_image, outputs = [], []
         for ex in examples:

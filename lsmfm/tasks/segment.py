@@ -61,7 +61,7 @@ class SegmentTask(FinetuneTask):
 
     def score(self, model: nn.Module, examples: list[Example], roi: tuple[int, int, int], overlap: float
               ) -> Scores:
-        from lsmfm.tasks.metrics import cldice_score, dice_score, iou_score
+        from lsmfm.metrics.segmentation import cldice_score, dice_score, iou_score
 
         per_image, masks = [], []
         for ex in examples:

@@ -62,15 +62,6 @@ def init(device: torch.device) -> DistEnv:
     return env
 
 
-def device_for(requested: str) -> torch.device:
-    """The training device: `auto` picks this rank's GPU when CUDA is available, else the CPU."""
-    if requested == "auto":
-        requested = "cuda" if torch.cuda.is_available() else "cpu"
-    if requested == "cuda":
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
-
-
 def barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()

@@ -24,7 +24,9 @@ import numpy as np
 import torch
 
 from lsmfm.config import load_config, read_yaml, save_config, to_dict
-from lsmfm.data.stream import StreamConfig, make_loader
+from lsmfm.data.stream.config import StreamConfig
+from lsmfm.data.stream.dataset import make_loader
+from lsmfm.device import resolve_device
 from lsmfm.errors import ConfigError
 from lsmfm.io.atomic import atomic_write_text
 from lsmfm.models.ssl import SSLConfig
@@ -118,7 +120,7 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, resume: bool = False) -> 
     out = Path(out_dir)
     _check_run_dir(cfg, out, resume)
     _check_catalogs(cfg.data)
-    device = distributed.device_for(cfg.train.device)
+    device = resolve_device(cfg.train.device, distributed.ensure_env().local_rank)
     env = distributed.init(device)
     try:
         with _torch_settings(cfg.train):
@@ -145,7 +147,7 @@ def _check_run_dir(cfg: PretrainConfig, out: Path, resume: bool) -> None:
 
 def _check_catalogs(data: StreamConfig) -> None:
     """Read every catalog before the (slow) model and engine are built: a typo fails at once."""
-    from lsmfm.data.catalog import load_catalog
+    from lsmfm.data.catalog.entries import load_catalog
 
     if not data.catalogs:
         raise ConfigError("data.catalogs is empty: list at least one catalog YAML")

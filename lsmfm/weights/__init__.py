@@ -1,8 +1,7 @@
 """Pretrained weights: one-line loading, the safetensors format, releases, the paper's checkpoints, export.
 
 - `load.py`: `load_pretrained(source, which=None, map_location="cpu")` (also `lsmfm.load_pretrained`).
-- `format.py`: `ModelConfig`, `save_model_dir`, `read_model_dir`, `save_pretrained`: model.safetensors +
-  config.json + README.md.
+- `format.py`: `ModelConfig`, `save_model_dir`, `read_model_dir`: model.safetensors + config.json + README.md.
 - `paper.py`: the LSM foundation model paper's Lightning checkpoints (teacher by default).
 - `registry.py` / `download.py`: named releases, cached downloads with sha256 checks.
 - `hub.py`: `HubMixin` (save_pretrained / from_pretrained / push_to_hub on every backbone), hf-hub ids.

@@ -1,7 +1,9 @@
-"""Download release files into a cache with a progress bar, a size and sha256 check, and an atomic rename.
+"""Downloads: release files into a cache (progress bar, size and sha256 check, atomic rename), and
+weights folders from the Hugging Face Hub.
 
-The cache is `$XDG_CACHE_HOME/lsmfm` (default `~/.cache/lsmfm`). A file reaches its final name only
-after it was fully read and verified, so an interrupted download is never mistaken for a good one.
+The release cache is `$XDG_CACHE_HOME/lsmfm` (default `~/.cache/lsmfm`). A file reaches its final name
+only after it was fully read and verified, so an interrupted download is never mistaken for a good one.
+Hub folders go through huggingface_hub's own cache.
 """
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from typing import Any
+
 from tqdm import tqdm
 
 from lsmfm.errors import InputError
@@ -20,6 +24,37 @@ from lsmfm.weights.registry import Release
 
 log = logging.getLogger(__name__)
 CHUNK = 1 << 20
+HF_PREFIX = "hf-hub:"
+
+
+def hub_repo(name: str) -> str | None:
+    """`org/name[@revision]` when `name` means a Hugging Face Hub repository, else None.
+
+    The one meaning of a name for `load_pretrained` and every `from_pretrained`: `hf-hub:org/name`
+    always, and a bare `org/name` (exactly one slash) that is neither a local path nor a registered
+    release (callers check those first).
+    """
+    if name.startswith(HF_PREFIX):
+        return name.removeprefix(HF_PREFIX)
+    repo = name.partition("@")[0]
+    parts = repo.split("/")
+    return name if len(parts) == 2 and all(parts) else None
+
+
+def snapshot(repo: str, revision: str | None = None, **hub_kwargs: Any) -> Path:
+    """Download (or reuse from the HF cache) the weights folder of `org/name[@revision]`."""
+    from huggingface_hub import snapshot_download
+
+    from lsmfm.weights.format import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME
+
+    repo_id, _, rev = repo.partition("@")
+    try:
+        path = snapshot_download(repo_id=repo_id, revision=revision or rev or None,
+                                 allow_patterns=[WEIGHTS_NAME, CONFIG_NAME, CARD_NAME], **hub_kwargs)
+    except Exception as exc:  # offline, missing repo, auth: all reported the same way
+        raise InputError(HF_PREFIX + repo, "not a local file or folder nor a registered release, and "
+                                           f"it could not be fetched from the Hugging Face Hub: {exc}") from exc
+    return Path(path)
 
 
 def cache_dir() -> Path:

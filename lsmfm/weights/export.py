@@ -121,7 +121,7 @@ def catalog_sources(catalogs: list[str]) -> list[str]:
     out = []
     for path in catalogs:
         try:
-            from lsmfm.data.catalog import load_catalog
+            from lsmfm.data.catalog.entries import load_catalog
 
             ids = [str(e.id) for e in load_catalog(path)]
             out.append(f"{path}: {', '.join(ids)}")

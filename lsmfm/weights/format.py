@@ -12,7 +12,6 @@ Example:
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -131,18 +130,6 @@ def save_model_dir(out_dir: str | Path, state_dict: Mapping[str, torch.Tensor], 
     with atomic_dir(out, overwrite=overwrite) as tmp:
         write_model_files(tmp, state_dict, config, model_card)
     return out
-
-
-def save_pretrained(backbone: torch.nn.Module, out_dir: str | Path, *, config: ModelConfig | None = None,
-                    model_card: str | None = None, overwrite: bool = False, **fields: Any) -> Path:
-    """Save a backbone in the released format; `fields` override ModelConfig fields (e.g. patch_size)."""
-    cfg = config if config is not None else config_for(backbone)
-    if fields:
-        try:
-            cfg = dataclasses.replace(cfg, **fields)
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"save_pretrained: {exc}") from exc
-    return save_model_dir(out_dir, backbone.state_dict(), cfg, model_card, overwrite=overwrite)
 
 
 def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

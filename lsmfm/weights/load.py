@@ -2,7 +2,8 @@
 
 Sources, tried in this order: a local folder (our format, or a finetuned model whose `backbone.*`
 keys are taken), a local file (`.safetensors` with its config, or a `.ckpt`/`.pt` in the paper's
-Lightning layout), `hf-hub:org/name[@revision]`, then the name of a registered release.
+Lightning layout), the name of a registered release, then a Hugging Face Hub repository
+(`hf-hub:org/name[@revision]`, or a bare `org/name`: see `lsmfm.weights.download.hub_repo`).
 Loading is strict: every key and shape must match the rebuilt network, or the error lists the
 missing, unexpected and mis-shaped keys. Nothing pickled is ever executed, and neither DeepSpeed
 nor transformers is imported (see `lsmfm/_monai.py`).
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
 
 import torch
 from torch import nn
@@ -24,16 +25,18 @@ LIST_MAX = 8
 log = logging.getLogger(__name__)
 
 
-def load_pretrained(source: str | Path, which: str | None = None,
-                    map_location: str | torch.device = "cpu") -> nn.Module:
+def load_pretrained(source: str | Path, which: str | None = None, map_location: str | torch.device = "cpu",
+                    revision: str | None = None, **hub_kwargs: Any) -> nn.Module:
     """Build the backbone described by `source` and load its weights exactly.
 
     Args:
-        source: folder, `.safetensors`/`.ckpt` file, `hf-hub:org/name`, or a release name
-            (see `lsmfm.weights.registry.list_releases()`).
+        source: folder, `.safetensors`/`.ckpt` file, a release name (`lsmfm.weights.registry.RELEASES`),
+            or a Hub repository `hf-hub:org/name[@revision]` / `org/name`.
         which: "teacher" or "student" for checkpoints holding both (the paper's; default teacher).
             For a single-network folder it must match the network it holds, when recorded.
         map_location: device of the returned module.
+        revision, hub_kwargs: for Hub repositories, passed to `huggingface_hub.snapshot_download`
+            (`token`, `cache_dir`, ...).
 
     Returns:
         The backbone in eval mode, with its `ModelConfig` as attribute `lsmfm_config`.
@@ -43,29 +46,30 @@ def load_pretrained(source: str | Path, which: str | None = None,
         >>> net.lsmfm_config.patch_size
         [64, 64, 64]
     """
-    config, state, origin = _resolve(source, which)
+    config, state, origin = _resolve(source, which, revision, hub_kwargs)
     net = build_backbone(config.backbone)
     load_strict(net, state, origin)
     net.lsmfm_config = config
     return net.to(map_location).eval()
 
 
-def _resolve(source: str | Path, which: str | None) -> tuple[ModelConfig, dict[str, torch.Tensor], str]:
+def _resolve(source: str | Path, which: str | None, revision: str | None, hub_kwargs: dict[str, Any]
+             ) -> tuple[ModelConfig, dict[str, torch.Tensor], str]:
+    from lsmfm.weights.download import hub_repo, snapshot
+    from lsmfm.weights.registry import RELEASES
+
     text = str(source)
     path = Path(text).expanduser()
     if path.is_dir():
         return _single_network(*read_model_dir(path), path, which)
     if path.is_file():
         return _from_file(path, which)
-    if text.startswith("hf-hub:"):
-        from lsmfm.weights.hub import snapshot
-
-        folder = snapshot(text.removeprefix("hf-hub:"))
-        return _single_network(*read_model_dir(folder), folder, which)
-    from lsmfm.weights.registry import RELEASES
-
     if text in RELEASES:
         return _from_release(text, which)
+    repo = hub_repo(text)
+    if repo is not None:
+        folder = snapshot(repo, revision, **hub_kwargs)
+        return _single_network(*read_model_dir(folder), folder, which)
     raise InputError(source, "not found: no such file or folder, not an hf-hub:org/name id, and not a "
                              f"registered release ({', '.join(sorted(RELEASES))})")
 

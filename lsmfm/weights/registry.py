@@ -69,10 +69,6 @@ def get_release(name: str) -> Release:
     return RELEASES[name]
 
 
-def list_releases() -> list[Release]:
-    return [RELEASES[n] for n in sorted(RELEASES)]
-
-
 def check_arch(release: Release, backbone: Any, path: Any) -> None:
     """Raise if the loaded architecture differs from what the registry promises."""
     diffs = []

@@ -6,38 +6,11 @@ rotations stay in the (y, x) plane so the anisotropic PSF keeps its orientation.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import torch
 
-
-@dataclass
-class AugmentConfig:
-    """Probabilities and ranges of each augmentation; a probability of 0 disables that transform."""
-
-    enabled: bool = True
-    flip_prob: float = 0.5  # per axis (z, y, x)
-    rot90_prob: float = 0.5  # k * 90° in the (y, x) plane, k in 1..3; needs a square (y, x) patch
-    scale_prob: float = 0.2
-    scale: float = 0.1  # intensity multiplied by 1 + U(-scale, scale)
-    shift_prob: float = 0.2
-    shift: float = 0.1  # intensity offset U(-shift, shift), in normalised units
-    gamma_prob: float = 0.2
-    gamma: list[float] = field(default_factory=lambda: [0.7, 1.5])
-    noise_prob: float = 0.2
-    noise_std: float = 0.05  # std of additive Gaussian noise drawn from U(0, noise_std)
-
-    def __post_init__(self) -> None:
-        for name in ("flip_prob", "rot90_prob", "scale_prob", "shift_prob", "gamma_prob", "noise_prob"):
-            p = getattr(self, name)
-            if not 0.0 <= p <= 1.0:
-                raise ValueError(f"augment.{name} must be in [0, 1], got {p}")
-        for name in ("scale", "shift", "noise_std"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"augment.{name} must be >= 0, got {getattr(self, name)}")
-        if len(self.gamma) != 2 or not 0 < self.gamma[0] <= self.gamma[1]:
-            raise ValueError(f"augment.gamma must be [low, high] with 0 < low <= high, got {self.gamma}")
+from lsmfm.data.stream.config import AugmentConfig
 
 
 class Augmenter:

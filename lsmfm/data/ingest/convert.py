@@ -171,8 +171,8 @@ def _write_store(path: Path, data: da.Array, voxel: tuple[float, float, float],
                  progress: bool, sources: list[str], where: str) -> None:
     import zarr
 
-    from lsmfm.data.ingest_stats import level0_with_stats, omero_block
-    from lsmfm.data.pyramid import progress_bar, write_pyramid
+    from lsmfm.data.ingest.stats import level0_with_stats, omero_block
+    from lsmfm.data.ingest.pyramid import progress_bar, write_pyramid
 
     name = Path(sources[0]).name if sources else path.name.removesuffix(".partial")
     group = zarr.open_group(str(path), mode="w", zarr_format=3)
@@ -190,7 +190,7 @@ def _write_store(path: Path, data: da.Array, voxel: tuple[float, float, float],
 
 def _write_labels(group: Any, labels: Mapping[str, da.Array], voxel: tuple[float, float, float],
                   factors: list[tuple[int, int, int]], chunk: int, bar: Any) -> None:
-    from lsmfm.data.pyramid import store_level, write_pyramid
+    from lsmfm.data.ingest.pyramid import store_level, write_pyramid
 
     parent = group.require_group("labels")
     for name, lab in labels.items():

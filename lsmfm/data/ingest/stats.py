@@ -13,7 +13,7 @@ import numpy as np
 
 from tqdm import tqdm
 
-from lsmfm.data.pyramid import compute, store_graph
+from lsmfm.data.ingest.pyramid import compute, store_graph
 from lsmfm.errors import InputError, LsmfmError
 
 

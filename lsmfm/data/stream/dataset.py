@@ -3,70 +3,29 @@
 Every store is checked at construction from its JSON metadata alone (no zarr call before DataLoader
 workers fork: zarr v3 can deadlock in a child forked after the parent used it); arrays are opened lazily
 in each worker. The per-patch hot path is one region read (chunk files decoded straight into the patch,
-`lsmfm.data.chunk_reader`), one uint16 -> float32 conversion and normalisation by the store's intensity
+`chunk_reader`), one uint16 -> float32 conversion and normalisation by the store's intensity
 statistics; Dask is used only to plan (the foreground map of a coarse level, once per image per worker).
 
-Sample i of rank r is a pure function of (seed, r, i), see `lsmfm.data.sampling`.
+Sample i of rank r is a pure function of (seed, r, i), see `lsmfm.data.stream.sampling`.
 """
 from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
-from typing import Any, Iterator, Literal
+from dataclasses import dataclass
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
-from lsmfm.data.augment import AugmentConfig, Augmenter
-from lsmfm.data.chunk_reader import ChunkReader, open_reader
-from lsmfm.data.normalize import NormalizeConfig, percentile_normalize
-from lsmfm.data.sampling import (ForegroundConfig, ForegroundMap, ImagePlan, choose_position, choose_weighted,
-                                 plan_image, sample_rng, worker_indices)
+from lsmfm.data.normalize import percentile_normalize
+from lsmfm.data.stream.augment import Augmenter
+from lsmfm.data.stream.chunk_reader import ChunkReader, open_reader
+from lsmfm.data.stream.config import ForegroundConfig, StreamConfig, StreamTextConfig
+from lsmfm.data.stream.sampling import (ForegroundMap, ImagePlan, choose_position, choose_weighted,
+                                        plan_image, sample_rng, worker_indices)
 from lsmfm.errors import InputError
-
-
-@dataclass(frozen=True)
-class StreamNormalizeConfig(NormalizeConfig):
-    """Percentile normalisation; `source: store` uses the percentiles computed at ingest (fast, and the
-    same scale for every patch of a volume), `patch` computes them on each patch."""
-
-    source: Literal["store", "patch"] = "store"
-
-
-@dataclass
-class TextConfig:
-    """Which of an entry's descriptions goes with a patch: a seeded random one per sample, or the first."""
-
-    choice: Literal["random", "first"] = "random"
-
-
-@dataclass
-class StreamConfig:
-    """What to stream: catalogs, patch geometry, foreground sampling, normalisation, augmentation, text."""
-
-    catalogs: list[str] = field(default_factory=list)
-    patch_size: list[int] = field(default_factory=lambda: [96, 96, 96])
-    target_voxel_size: list[float] | None = None  # µm (z, y, x); patches are resampled to it
-    level: int = 0  # finest pyramid level to read; with target_voxel_size a coarser one is used when it fits
-    foreground: ForegroundConfig = field(default_factory=ForegroundConfig)
-    normalize: StreamNormalizeConfig = field(default_factory=StreamNormalizeConfig)
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-    text: TextConfig = field(default_factory=TextConfig)
-
-    def __post_init__(self) -> None:
-        if len(self.patch_size) != 3 or min(self.patch_size) < 1:
-            raise ValueError(f"patch_size must be 3 positive integers (z, y, x), got {self.patch_size}")
-        if self.target_voxel_size is not None and (len(self.target_voxel_size) != 3
-                                                   or min(self.target_voxel_size) <= 0):
-            raise ValueError(f"target_voxel_size must be 3 positive numbers in µm, "
-                             f"got {self.target_voxel_size}")
-        if self.level < 0:
-            raise ValueError(f"level must be >= 0, got {self.level}")
-        if self.augment.enabled and self.augment.rot90_prob > 0 and self.patch_size[1] != self.patch_size[2]:
-            raise ValueError(f"augment.rot90_prob > 0 needs a square (y, x) patch, got {self.patch_size}; "
-                             "set augment.rot90_prob=0")
 
 
 @dataclass
@@ -202,7 +161,7 @@ def _subsample_bounds(coarse: Any, image: ImagePlan) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
-def _pick_text(rng: np.random.Generator, descriptions: list[str], cfg: TextConfig) -> str:
+def _pick_text(rng: np.random.Generator, descriptions: list[str], cfg: StreamTextConfig) -> str:
     if not descriptions:
         return ""
     if cfg.choice == "first":
@@ -220,7 +179,7 @@ def _resize(x: torch.Tensor, size: list[int]) -> torch.Tensor:
 
 def _plan_sources(cfg: StreamConfig) -> list[_Source]:
     """Every catalog entry and image checked up front, so bad input fails before any patch is read."""
-    from lsmfm.data.catalog import load_catalog
+    from lsmfm.data.catalog.entries import load_catalog
 
     if not cfg.catalogs:
         raise InputError(None, "the stream config lists no catalogs (set catalogs: [path/to/catalog.yaml])")

@@ -11,40 +11,15 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
+from lsmfm.data.stream.config import ForegroundConfig, StreamConfig
 from lsmfm.errors import InputError
 from lsmfm.io.omezarr import read_multiscales, stored_percentile
 
-if TYPE_CHECKING:
-    from lsmfm.data.stream import StreamConfig
-
 MAP_CELLS_PER_AXIS = 128  # foreground maps are coarsened to at most this many cells per axis
-
-
-@dataclass
-class ForegroundConfig:
-    """Foreground-aware sampling: reject patch positions whose region is near-empty background.
-
-    A coarse-level voxel counts as foreground when it exceeds `lower + threshold * (upper - lower)`,
-    where lower/upper are the store's intensity percentiles (the normalisation bounds). A position is
-    accepted when at least `min_fraction` of its coarse-level region is foreground; after `max_tries`
-    rejections the best position seen is used, so sparse volumes still stream.
-    """
-
-    enabled: bool = True
-    level: int = -1  # pyramid level of the foreground map; negative counts from the coarsest
-    threshold: float = 0.2
-    min_fraction: float = 0.05
-    max_tries: int = 10
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.min_fraction <= 1.0:
-            raise ValueError(f"foreground.min_fraction must be in [0, 1], got {self.min_fraction}")
-        if self.max_tries < 1:
-            raise ValueError(f"foreground.max_tries must be >= 1, got {self.max_tries}")
 
 
 def sample_rng(seed: int, rank: int, index: int) -> np.random.Generator:
@@ -151,7 +126,7 @@ class ImagePlan:
         return tuple(spatial[a] if a in spatial else (self.channel if a == "c" else 0) for a in self.axes)
 
 
-def plan_image(path: str | Path, channel: int | None, cfg: "StreamConfig") -> ImagePlan:
+def plan_image(path: str | Path, channel: int | None, cfg: StreamConfig) -> ImagePlan:
     """Check one image from its JSON metadata (no zarr call: safe before DataLoader workers fork)."""
     store = Path(path)
     if not store.exists():
@@ -205,7 +180,7 @@ def _store_metadata(store: Path) -> tuple[dict[str, Any], Callable[[str], list[i
     return attrs, shape_of
 
 
-def _read_level(ms: Any, cfg: "StreamConfig", store: Path) -> int:
+def _read_level(ms: Any, cfg: StreamConfig, store: Path) -> int:
     """`cfg.level`, or with a target voxel size the coarsest level still at least that fine on every axis."""
     if cfg.level >= len(ms.paths):
         raise InputError(store, f"level {cfg.level} requested but the store has {len(ms.paths)} pyramid "

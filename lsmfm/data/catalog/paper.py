@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from lsmfm.data.catalog import collection_sources, load_catalog, relative_to, write_catalog
+from lsmfm.data.catalog.entries import collection_sources, load_catalog, relative_to, write_catalog
 from lsmfm.errors import InputError
 from lsmfm.io.volumes import open_volume
 
@@ -109,7 +109,7 @@ def import_paper(root: str | Path, prompts: str | Path, stores: str | Path, out:
     defaults = {"licence": licence, "citation": citation}
     if not ingest:
         return write_catalog(out, entries, defaults=defaults, header=header)
-    from lsmfm.data.catalog_ingest import ingest_entry
+    from lsmfm.data.catalog.materialize import ingest_entry
 
     staged = write_catalog(Path(out).with_name(Path(out).name + ".partial"), entries, defaults=defaults,
                            header=header)

@@ -13,8 +13,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from lsmfm.data.catalog import CatalogEntry, collection_sources, load_catalog, volume_stem
-from lsmfm.data.ingest import ingest
+from lsmfm.data.catalog.entries import CatalogEntry, collection_sources, load_catalog, volume_stem
+from lsmfm.data.ingest.convert import ingest
 from lsmfm.errors import InputError
 from lsmfm.io import omezarr
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from lsmfm.data.synth_scene import smooth_noise
+from lsmfm.data.synthetic.scene import smooth_noise
 
 
 def illumination(shape: tuple[int, int, int], falloff: float, rng: np.random.Generator) -> np.ndarray:

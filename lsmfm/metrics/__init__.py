@@ -1,0 +1,1 @@
+"""Metrics, one module per family: segmentation overlap, instance accuracy, restoration, classification."""
