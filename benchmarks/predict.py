@@ -59,12 +59,12 @@ def make_volume(path: Path, size: int, seed: int = 0) -> None:
 def make_model(path: Path) -> None:
     import torch
 
-    from lsmfm.models.backbones import BackboneConfig, build_backbone
+    from lsmfm.models.backbones.unet import UNetConfig
     from lsmfm.tasks.models import build_task_model, save_task_model
     from lsmfm.weights.format import ModelConfig
 
     torch.manual_seed(0)
-    backbone = build_backbone(BackboneConfig(**BACKBONE))
+    backbone = UNetConfig(**BACKBONE).build()
     model = build_task_model("segment", backbone)
     save_task_model(model, path, ModelConfig(backbone=backbone.config, patch_size=[PATCH] * 3))
 

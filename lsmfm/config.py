@@ -63,9 +63,16 @@ def apply_override(data: dict[str, Any], item: str) -> None:
 
 
 def from_dict(cls: type[T], data: dict[str, Any], source: str = "<dict>", prefix: str = "") -> T:
-    """Recursively build dataclass `cls` from `data`, checking keys and types."""
+    """Recursively build dataclass `cls` from `data`, checking keys and types.
+
+    A class with a `config_variant(data, where) -> (class, data)` classmethod is a tagged family: the
+    hook picks the subclass the data describes (`BackboneConfig` by `arch`).
+    """
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: {prefix.rstrip('.') or 'config'} must be a mapping")
+    variant = getattr(cls, "config_variant", None)
+    if variant is not None:  # a tagged family of configs (e.g. one class per backbone arch)
+        cls, data = variant(data, f"{source}: {prefix.rstrip('.') or 'config'}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - names)

@@ -33,7 +33,7 @@ class _Cfg:
     pretrained: str | None = None
 
 
-@pytest.mark.parametrize("module", ["lsmfm.losses.segmentation", "lsmfm.models.backbones"])
+@pytest.mark.parametrize("module", ["lsmfm.losses.segmentation", "lsmfm.models.backbones.unet"])
 def test_monai_never_pulls_in_transformers(module):
     """Whichever lsmfm module imports MONAI first, MONAI's Transchex does not import transformers."""
     code = f"import sys, {module}; print('monai' in sys.modules, 'transformers' in sys.modules)"

@@ -32,7 +32,7 @@ from finetune_helpers import write_dataset
 from pretrain_helpers import TINY, synthetic_catalog, tiny_overrides
 
 from lsmfm.config import load_config
-from lsmfm.tasks.config import CONFIG_CLASSES
+from lsmfm.tasks.registry import finetune_config_class
 from lsmfm.tasks.fewshot import plan_fewshot, run_fewshot
 from lsmfm.training.logging import read_jsonl
 from lsmfm.training.pretrain import PretrainConfig, pretrain
@@ -74,7 +74,8 @@ def finetune_curves(root: Path, weights: Path) -> dict[str, dict]:
     data = [f"data.{split}_dir={path}" for split, path in dirs.items()]
     out: dict[str, dict] = {}
     for task, extra in TASK_OVERRIDES.items():
-        cfg = load_config(CONFIG_CLASSES[task], None, [*data, f"pretrained={weights}", *FINETUNE, *extra])
+        overrides = [*data, f"pretrained={weights}", *FINETUNE, *extra]
+        cfg = load_config(finetune_config_class(task), None, overrides)
         run = root / f"ft_{task}"
         rows = run_fewshot(plan_fewshot(task, cfg), run)
         with open(run / "results.csv") as fh:

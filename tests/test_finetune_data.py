@@ -11,7 +11,9 @@ from finetune_helpers import TINY_BACKBONE, data_overrides, write_dataset, write
 from lsmfm.cli.main import main
 from lsmfm.config import load_config
 from lsmfm.errors import ConfigError, InputError
-from lsmfm.tasks.config import ClassifyConfig, DataConfig, SegmentFinetuneConfig
+from lsmfm.tasks.classify import ClassifyConfig
+from lsmfm.tasks.config import DataConfig
+from lsmfm.tasks.segment import SegmentFinetuneConfig
 from lsmfm.tasks.data import load_folder, scan_folder, split_name
 
 SCRATCH = ["init=scratch", "data.patch_size=[32,32,32]", "train.max_steps=1", *TINY_BACKBONE]
@@ -131,11 +133,12 @@ def test_bad_inputs_stop_before_any_output(tmp_path: Path, capsys: pytest.Captur
 
 
 def test_pretrained_patch_size_must_fit_the_data(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    from lsmfm.models.backbones import BackboneConfig, build_backbone
+    from lsmfm.models.backbones.registry import build_backbone
+    from lsmfm.models.backbones.unet import UNetConfig
 
     dirs = write_dataset(tmp_path / "data", n_train=1, n_eval=1, size=32)
-    net = build_backbone(BackboneConfig(channels=[8, 16, 32], strides=[2, 2], out_channels=8,
-                                        num_res_units=1))
+    net = build_backbone(UNetConfig(channels=[8, 16, 32], strides=[2, 2], out_channels=8,
+                                    num_res_units=1))
     weights = net.save_pretrained(tmp_path / "weights", patch_size=[64, 64, 64])
     _fails(["finetune", "segment", *data_overrides(dirs), f"pretrained={weights}", "train.max_steps=1"],
            tmp_path / "run", capsys,

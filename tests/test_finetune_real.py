@@ -60,10 +60,11 @@ def test_empty_ground_truth_is_finite(finetune_data: Path) -> None:
     from dataclasses import replace
 
     from lsmfm.data.normalize import NormalizeConfig
-    from lsmfm.models.backbones import BackboneConfig, build_backbone
-    from lsmfm.tasks.config import DataConfig, SegmentConfig
+    from lsmfm.models.backbones.registry import build_backbone
+    from lsmfm.models.backbones.unet import UNetConfig
+    from lsmfm.tasks.config import DataConfig
     from lsmfm.tasks.models import build_task_model
-    from lsmfm.tasks.segment import SegmentTask
+    from lsmfm.tasks.segment import SegmentConfig, SegmentTask
 
     task = SegmentTask(SegmentConfig())
     val = task.load_split(DataConfig(val_dir=str(finetune_data / "val")), "val")
@@ -71,7 +72,7 @@ def test_empty_ground_truth_is_finite(finetune_data: Path) -> None:
     crop = (slice(0, 32),) * 3
     empty = replace(patch, image=patch.image[(slice(None), *crop)], label=patch.label[crop])
     assert 0 < patch.label.sum() < 100 and empty.label.sum() == 0
-    cfg = BackboneConfig(channels=[8, 16, 32], strides=[2, 2], out_channels=8, num_res_units=1)
+    cfg = UNetConfig(channels=[8, 16, 32], strides=[2, 2], out_channels=8, num_res_units=1)
     torch.manual_seed(0)
     model = build_task_model("segment", build_backbone(cfg), task.head_config())
     examples = [task.prepare(p, NormalizeConfig()) for p in (patch, empty)]

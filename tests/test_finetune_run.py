@@ -13,9 +13,12 @@ from finetune_helpers import TINY_BACKBONE, data_overrides, write_dataset
 
 from lsmfm.cli.main import main
 from lsmfm.config import load_config
-from lsmfm.models.backbones import BackboneConfig, build_backbone
-from lsmfm.tasks.config import CONFIG_CLASSES, DataConfig, SegmentConfig, TrainConfig
+from lsmfm.models.backbones.registry import build_backbone
+from lsmfm.models.backbones.unet import UNetConfig
+from lsmfm.tasks.config import DataConfig, TrainConfig
 from lsmfm.tasks.models import build_task_model, load_task_model
+from lsmfm.tasks.registry import finetune_config_class
+from lsmfm.tasks.segment import SegmentConfig
 
 FAST = ["train.max_steps=4", "train.val_every=2", "train.batch_size=1", "data.patch_size=[32,32,32]",
         "train.head_steps=2", "seeds=[0]", *TINY_BACKBONE]
@@ -39,7 +42,7 @@ def _segment_setup(dataset: dict[str, Path]):
     data = DataConfig(**{f"{k}_dir": str(v) for k, v in dataset.items()})
     train = [task.prepare(p, NormalizeConfig()) for p in task.load_split(data, "train")]
     val = [task.prepare(p, NormalizeConfig()) for p in task.load_split(data, "val")]
-    cfg = BackboneConfig(channels=[8, 16, 32], strides=[2, 2], out_channels=8, num_res_units=1)
+    cfg = UNetConfig(channels=[8, 16, 32], strides=[2, 2], out_channels=8, num_res_units=1)
     return task, train, val, cfg
 
 
@@ -89,7 +92,7 @@ def test_classify_through_cli(dataset: dict[str, Path], tmp_path: Path, capsys: 
                                                                  ("2", "0", "scratch")]
     assert all(0.0 <= float(r[m]) <= 1.0 for r in rows for m in ("accuracy", "balanced_accuracy", "macro_f1"))
     assert len(rows[1]["train_patches"].split()) == 6  # 2 shots per class
-    resolved = load_config(CONFIG_CLASSES["classify"], run / "config.yaml")
+    resolved = load_config(finetune_config_class("classify"), run / "config.yaml")
     assert resolved.shots == [1, 2] and resolved.classify.head == "mlp" and resolved.init == "scratch"
     kept = run / "scratch" / "shots2_seed0"
     assert (kept / "predictions" / "confusion_matrix.png").stat().st_size > 0
@@ -106,8 +109,8 @@ def test_deblur_from_synthetic_pairs(dataset: dict[str, Path], tmp_path: Path) -
     from lsmfm.tasks.fewshot import plan_fewshot, run_fewshot
     from lsmfm.metrics.restoration import psnr
 
-    cfg = load_config(CONFIG_CLASSES["deblur"], None, [*data_overrides(dataset), "init=scratch", "shots=[1]",
-                                                        "deblur.pairs=synthetic", *FAST])
+    cfg = load_config(finetune_config_class("deblur"), None,
+                      [*data_overrides(dataset), "init=scratch", "shots=[1]", "deblur.pairs=synthetic", *FAST])
     plan = plan_fewshot("deblur", cfg)
     (row,) = run_fewshot(plan, tmp_path / "run")
     assert set(plan.task.metrics) <= set(row) and np.isfinite(row["psnr"]) and 0 < row["ssim"] <= 1
@@ -121,8 +124,7 @@ def test_deblur_from_synthetic_pairs(dataset: dict[str, Path], tmp_path: Path) -
 
 
 def test_deblur_reads_blurred_files(dataset: dict[str, Path]) -> None:
-    from lsmfm.tasks.config import DeblurConfig
-    from lsmfm.tasks.deblur import DeblurTask, degrade
+    from lsmfm.tasks.deblur import DeblurConfig, DeblurTask, degrade
 
     task = DeblurTask(DeblurConfig(pairs="files"))
     patch = task.load_split(DataConfig(test_dir=str(dataset["test"])), "test")[0]
@@ -140,8 +142,8 @@ def test_deblur_reads_blurred_files(dataset: dict[str, Path]) -> None:
 def test_segment_pretrained_vs_scratch_through_cli(dataset: dict[str, Path], tmp_path: Path,
                                                    capsys: pytest.CaptureFixture) -> None:
 
-    net = build_backbone(BackboneConfig(channels=[8, 16, 32], strides=[2, 2], out_channels=8,
-                                        num_res_units=1))
+    net = build_backbone(UNetConfig(channels=[8, 16, 32], strides=[2, 2], out_channels=8,
+                                    num_res_units=1))
     weights = net.save_pretrained(tmp_path / "weights", patch_size=[32, 32, 32])
     run = tmp_path / "run"
     argv = ["finetune", "segment", "--out", str(run), *data_overrides(dataset), f"pretrained={weights}",
@@ -209,7 +211,7 @@ def test_segment_from_catalog_entries(tmp_path: Path) -> None:
     ingest_catalog(catalog, progress=False)
     split_ids = [f"data.catalog={catalog}", "data.train_ids=[v0,v1]", "data.val_ids=[v2]",
                  "data.test_ids=[v2]"]
-    data = load_config(CONFIG_CLASSES["segment"], None, ["init=scratch", *split_ids]).data
+    data = load_config(finetune_config_class("segment"), None, ["init=scratch", *split_ids]).data
     train = load_split(data, "train", label=True, class_field="class_label")
     assert [(p.stem, p.class_name, p.spatial_shape) for p in train] == [
         ("v0", "cell_nucleus", (40, 40, 40)), ("v1", "vessels", (40, 40, 40))]

@@ -14,11 +14,13 @@ import torch
 
 import lsmfm
 from lsmfm.errors import InputError
-from lsmfm.models.backbones import BackboneConfig, build_backbone
+from lsmfm.models.backbones.registry import BackboneConfig, build_backbone
+from lsmfm.models.backbones.swinunetr import SwinUNETRConfig
+from lsmfm.models.backbones.unet import UNetConfig
 from lsmfm.weights.registry import RELEASES, check_arch
 
-TINY_UNET = BackboneConfig(arch="unet", channels=[4, 8, 16], strides=[2, 2], out_channels=8)
-TINY_SWIN = BackboneConfig(arch="swinunetr", feature_size=12, out_channels=16, norm="instance")
+TINY_UNET = UNetConfig(channels=[4, 8, 16], strides=[2, 2], out_channels=8)
+TINY_SWIN = SwinUNETRConfig(feature_size=12, out_channels=16, norm="instance")
 
 
 def paper_state(cfg: BackboneConfig, text: bool = True, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -82,8 +84,8 @@ def test_teacher_by_default_student_on_request(tmp_path, cfg):
 
 def test_paper_width_unet_shapes_are_inferred(tmp_path):
     """Channels 32-512, strides 2-2-2-1, 2 residual units, BatchNorm, embedding 128: the released UNets."""
-    cfg = BackboneConfig(arch="unet", channels=[32, 64, 128, 256, 512], strides=[2, 2, 2, 1], num_res_units=2,
-                         norm="batch", out_channels=128)
+    cfg = UNetConfig(channels=[32, 64, 128, 256, 512], strides=[2, 2, 2, 1], num_res_units=2,
+                     norm="batch", out_channels=128)
     path = tmp_path / "unet_image_only_best.ckpt"
     sd = write_paper_ckpt(path, cfg, text=False)
     net = lsmfm.load_pretrained(path)
@@ -99,7 +101,7 @@ def test_paper_width_unet_shapes_are_inferred(tmp_path):
 
 
 def test_paper_width_swinunetr_36_is_inferred(tmp_path):
-    cfg = BackboneConfig(arch="swinunetr", feature_size=36, out_channels=512, norm="instance")
+    cfg = SwinUNETRConfig(feature_size=36, out_channels=512, norm="instance")
     path = tmp_path / "swinunetr_image_text_best.ckpt"
     sd = write_paper_ckpt(path, cfg)
     net = lsmfm.load_pretrained(path, which="student")

@@ -22,7 +22,8 @@ from lsmfm.data.normalize import NormalizeConfig, percentile_normalize
 from lsmfm.errors import ConfigError, InputError, LsmfmError
 from lsmfm.io.omezarr import create_level, multiscales_metadata, read_multiscales, write_ome
 from lsmfm.io.volumes import read_volume
-from lsmfm.models.backbones import BackboneConfig, build_backbone
+from lsmfm.models.backbones.registry import build_backbone
+from lsmfm.models.backbones.unet import UNetConfig
 from lsmfm.tasks import predict as predict_mod
 from lsmfm.tasks.models import build_task_model, save_task_model
 from lsmfm.tasks.predict import PredictOptions, axis_plan, plan_blocks, predict_volume, windows_along
@@ -36,7 +37,7 @@ NORM = NormalizeConfig(1.0, 99.0)
 
 def save_model(path, task="segment", head=None, classes=None, seed=0):
     torch.manual_seed(seed)
-    backbone = build_backbone(BackboneConfig(channels=[4, 8], strides=[2], num_res_units=0, out_channels=4))
+    backbone = build_backbone(UNetConfig(channels=[4, 8], strides=[2], num_res_units=0, out_channels=4))
     model = build_task_model(task, backbone, head).eval()
     if task == "segment":
         with torch.no_grad():

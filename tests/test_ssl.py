@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from lsmfm.models.backbones import BackboneConfig, build_backbone
+from lsmfm.models.backbones.registry import build_backbone
+from lsmfm.models.backbones.unet import UNetConfig
 from lsmfm.models.heads import ProjectionHead, ReconstructionHead
 from lsmfm.models.masking import MaskConfig
 from lsmfm.models.ssl import ClipConfig, DistillConfig, SSLConfig, SSLModel
@@ -16,7 +17,7 @@ from lsmfm.models.text import TextConfig
 from ssl_helpers import blobs, write_tiny_bert
 
 TEXTS = ["bright round nuclei, dense", "sparse gfap astrocytes"]
-BACKBONE = BackboneConfig(channels=[8, 16, 32], strides=[2, 2], out_channels=16)
+BACKBONE = UNetConfig(channels=[8, 16, 32], strides=[2, 2], out_channels=16)
 
 
 

@@ -9,17 +9,19 @@ import torch
 
 from lsmfm.data.normalize import NormalizeConfig
 from lsmfm.errors import ConfigError, InputError
-from lsmfm.models.backbones import BackboneConfig, build_backbone
-from lsmfm.tasks.models import HeadConfig, TaskModel, build_task_model, load_task_model, save_task_model
+from lsmfm.models.backbones.registry import build_backbone
+from lsmfm.models.backbones.unet import UNetConfig
+from lsmfm.tasks.classify import ClassifyHeadConfig
+from lsmfm.tasks.models import TaskModel, build_task_model, load_task_model, save_task_model
 from lsmfm.weights.format import ModelConfig, save_model_dir
 
-TINY = BackboneConfig(channels=[4, 8], strides=[2], num_res_units=0, out_channels=6)
+TINY = UNetConfig(channels=[4, 8], strides=[2], num_res_units=0, out_channels=6)
 
 
 def tiny_backbone(seed: int = 0, in_channels: int = 1) -> torch.nn.Module:
     torch.manual_seed(seed)
-    return build_backbone(BackboneConfig(channels=[4, 8], strides=[2], num_res_units=0, out_channels=6,
-                                         in_channels=in_channels))
+    return build_backbone(UNetConfig(channels=[4, 8], strides=[2], num_res_units=0, out_channels=6,
+                                     in_channels=in_channels))
 
 
 def model_config() -> ModelConfig:
@@ -47,7 +49,7 @@ def test_untrained_deblur_model_returns_its_input():
 
 def test_classify_uses_the_pooled_embedding():
     backbone = tiny_backbone()
-    model = build_task_model("classify", backbone, HeadConfig(kind="linear", n_classes=2)).eval()
+    model = build_task_model("classify", backbone, ClassifyHeadConfig(kind="linear", n_classes=2)).eval()
     x = torch.rand(1, 1, 16, 16, 16)
     linear = model.head[-1]
     expected = backbone.embed(x) @ linear.weight.T + linear.bias
@@ -60,7 +62,7 @@ def test_bad_head_and_task_are_errors():
     with pytest.raises(ConfigError, match="n_classes"):
         build_task_model("classify", tiny_backbone(), {"n_classes": 1})
     with pytest.raises(ConfigError, match="unknown task"):
-        TaskModel("detect", tiny_backbone(), torch.nn.Identity(), HeadConfig())
+        TaskModel("detect", tiny_backbone(), torch.nn.Identity(), ClassifyHeadConfig())
 
 
 @pytest.mark.parametrize("task,head,classes", [

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lsmfm.errors import ConfigError
-from lsmfm.models.backbones import BackboneConfig
+from lsmfm.models.backbones.unet import UNetConfig
 from lsmfm.models.ssl import ClipConfig, DistillConfig, SSLConfig, SSLModel
 from lsmfm.models.text import TextConfig, TextEncoder, mean_pool, transformer_layers
 from ssl_helpers import write_tiny_bert
@@ -58,7 +58,7 @@ def test_real_offline_minilm_shape_and_padding():
 
 def tiny_model(folder: Path) -> SSLModel:
     cfg = SSLConfig(
-        backbone=BackboneConfig(channels=[8, 16, 32], strides=[2, 2], out_channels=8),
+        backbone=UNetConfig(channels=[8, 16, 32], strides=[2, 2], out_channels=8),
         text=TextConfig(name_or_path=str(folder), unfreeze_top_k=1, warmup_steps=2, lr_scale=1.0),
         distill=DistillConfig(n_prototypes=16, hidden_dim=16, bottleneck_dim=8, n_voxels=64),
         clip=ClipConfig(embed_dim=8),

@@ -16,7 +16,9 @@ from test_paper_checkpoints import TINY_UNET, assert_same_state, encoder, write_
 
 import lsmfm
 from lsmfm.errors import ConfigError, InputError
-from lsmfm.models.backbones import BackboneConfig, SwinUNETRBackbone, UNetBackbone, build_backbone
+from lsmfm.models.backbones.registry import build_backbone
+from lsmfm.models.backbones.swinunetr import SwinUNETRBackbone
+from lsmfm.models.backbones.unet import UNetBackbone, UNetConfig
 from lsmfm.weights.format import ModelConfig, read_model_dir, save_model_dir
 from lsmfm.weights.registry import RELEASES, Release, register_release
 
@@ -234,7 +236,7 @@ def test_readme_snippet_runs(tmp_path, monkeypatch):
     blocks = re.findall(r"<!-- test: run -->\n```python\n(.*?)```", text, flags=re.S)
     assert blocks, "no runnable snippet marked in README.md"
     monkeypatch.chdir(tmp_path)
-    build_backbone(BackboneConfig(channels=[4, 8, 16], strides=[2, 2], out_channels=8)).save_pretrained(
+    build_backbone(UNetConfig(channels=[4, 8, 16], strides=[2, 2], out_channels=8)).save_pretrained(
         "runs/exported", patch_size=[32, 32, 32])
     for code in blocks:
         scope: dict = {}
@@ -247,11 +249,15 @@ def test_a_bare_name_means_the_same_for_load_pretrained_and_from_pretrained(tiny
     folder, net = tiny_dir
     repos = []
     import huggingface_hub
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda **kw: repos.append(kw["repo_id"]) or str(folder))
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda **kw: repos.append(kw["repo_id"]) or str(folder))
     assert_same_state(lsmfm.load_pretrained("lab/lsm-unet"), net.state_dict())
     assert_same_state(UNetBackbone.from_pretrained("lab/lsm-unet"), net.state_dict())
     assert repos == ["lab/lsm-unet", "lab/lsm-unet"]
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda **kw: (_ for _ in ()).throw(OSError("offline")))
+    def offline(**kwargs):
+        raise OSError("offline")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
     for load in (lsmfm.load_pretrained, UNetBackbone.from_pretrained):
-        with pytest.raises(InputError, match="hf-hub:lab/typo: not a local file or folder nor a registered release"):
+        with pytest.raises(InputError, match="hf-hub:lab/typo: not a local file or folder nor a registered"):
             load("lab/typo")

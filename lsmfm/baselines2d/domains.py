@@ -327,14 +327,15 @@ def make_embedders(
 def _lsmfm3d(source: str, size: str, device: torch.device) -> Embedder:
     """Our 3D backbone: `load_pretrained(source)`, or random weights ("scratch"; a tiny UNet when size is
     tiny)."""
-    from lsmfm.models.backbones import BackboneConfig, build_backbone
+    from lsmfm.models.backbones.registry import build_backbone, default_backbone_config
+    from lsmfm.models.backbones.unet import UNetConfig
 
     if source == "scratch":
         torch.manual_seed(0)
         if size == "tiny":
-            cfg, patch = BackboneConfig(channels=[8, 16, 32], strides=[2, 2], out_channels=16), 32
+            cfg, patch = UNetConfig(channels=[8, 16, 32], strides=[2, 2], out_channels=16), 32
         else:
-            cfg, patch = BackboneConfig(), 64
+            cfg, patch = default_backbone_config(), 64
         return embedder_3d(build_backbone(cfg), (patch,) * 3, f"lsmfm3d:scratch-{cfg.arch}", device)
     import lsmfm
 

@@ -1,4 +1,5 @@
-"""`lsmfm finetune segment|classify|deblur --config finetune/<task>.yaml [key=value ...] --out RUN_DIR`.
+"""`lsmfm finetune TASK --config finetune/<task>.yaml [key=value ...] --out RUN_DIR`, one subcommand per
+registered task (`lsmfm.tasks.registry`: segment, classify, deblur).
 
 Runs the few-shot protocol (shots x seeds x pretrained/scratch) and prints the summary table; see
 `lsmfm.tasks.fewshot` for what RUN_DIR holds. Inputs are checked before RUN_DIR is created.
@@ -8,16 +9,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-TASKS = {
-    "segment": "binary segmentation (Dice + BCE/focal + soft-clDice)",
-    "classify": "patch classification (class-balanced cross-entropy)",
-    "deblur": "residual deblurring (L1 + SSIM)",
-}
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from lsmfm.tasks.registry import TASKS, task_class
+
     sub = parser.add_subparsers(dest="task", metavar="TASK", required=True)
-    for name, help_text in TASKS.items():
+    for name in TASKS:
+        help_text = task_class(name).summary
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.add_argument("--config", type=Path, default=None, help=f"config YAML (e.g. finetune/{name}.yaml)")
         p.add_argument("--out", type=Path, required=True,
@@ -28,11 +26,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from lsmfm.config import load_config
-    from lsmfm.tasks.config import CONFIG_CLASSES
+    from lsmfm.tasks.registry import finetune_config_class
     from lsmfm.tasks.fewshot import check_run_dir, plan_fewshot, run_fewshot
     from lsmfm.tasks.results import format_table
 
-    cfg = load_config(CONFIG_CLASSES[args.task], args.config, args.overrides)
+    cfg = load_config(finetune_config_class(args.task), args.config, args.overrides)
     check_run_dir(args.out)
     plan = plan_fewshot(args.task, cfg)
     rows = run_fewshot(plan, args.out)

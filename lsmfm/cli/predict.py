@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
           "runs fewer, in more memory)")
     bounds = ", ".join(f"[{lo:.4g}, {hi:.4g}]" for lo, hi in summary["bounds"])
     print(f"normalisation bounds {bounds} (from the {summary['bounds_source']})")
-    if summary["task"] == "segment":
+    if summary["output"] == "mask":
         print(f"wrote {summary['out']}: probabilities at 0, mask (> {summary['threshold']}) at labels/mask")
     else:
         print(f"wrote {summary['out']}: restored image at 0 (input intensity units)")

@@ -12,7 +12,7 @@ The trainer's side of the contract (lsmfm/training/engine.py):
     optimizer.step(); model.update_teacher(model.teacher_momentum(step, max_steps))   # once per step
 
 Example:
-    >>> cfg = SSLConfig(backbone=BackboneConfig(channels=[8, 16, 32], strides=[2, 2], out_channels=16),
+    >>> cfg = SSLConfig(backbone=UNetConfig(channels=[8, 16, 32], strides=[2, 2], out_channels=16),
     ...                 use_text=False)
     >>> model = SSLModel(cfg)
     >>> out = model(torch.rand(2, 1, 32, 32, 32), None, step=0, max_steps=10)
@@ -32,7 +32,7 @@ from torch import nn
 from lsmfm.losses.clip import ClipLoss, text_ids
 from lsmfm.losses.distillation import DistillationLoss, entropy
 from lsmfm.losses.reconstruction import MaskedReconstructionLoss
-from lsmfm.models.backbones import BackboneConfig, build_backbone
+from lsmfm.models.backbones.registry import BackboneConfig, build_backbone, default_backbone_config
 from lsmfm.models.heads import ProjectionHead, ReconstructionHead
 from lsmfm.models.masking import MaskConfig, apply_mask, generate_block_mask
 from lsmfm.models.text import TextConfig, TextEncoder
@@ -105,7 +105,7 @@ class ClipConfig:
 class SSLConfig:
     """The whole pretraining model; `use_text: false` builds no text model and no CLIP term."""
 
-    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    backbone: BackboneConfig = field(default_factory=default_backbone_config)
     use_text: bool = True
     text: TextConfig = field(default_factory=TextConfig)
     masking: MaskConfig = field(default_factory=MaskConfig)

@@ -1,21 +1,25 @@
-"""What the one training loop needs from a task: examples, batches, a loss, and scoring of whole images.
+"""`FinetuneTask`: everything a task owns, and what the one training loop, the protocol, model folders
+and `lsmfm predict` ask of it (see `lsmfm.tasks.registry`).
 
 A task turns checked `Patch`es into `Example`s (normalised input, target) once; training draws random
 crops with random 3D flips from them; scoring runs the model over each whole val/test image with a
 Gaussian-blended sliding window (so 96³ test patches are scored in full by a model trained on 32³ crops).
+The model is the backbone plus the task's head; the task's `forward` says how the head reads the
+backbone, and its head config is stored in the model folder (`config.task["head"]`).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal, Mapping
 
 import numpy as np
 import torch
 from torch import nn
 
+from lsmfm.config import from_dict
 from lsmfm.data.normalize import NormalizeConfig
-from lsmfm.tasks.config import DataConfig
+from lsmfm.tasks.config import DataConfig, FinetuneConfig
 from lsmfm.tasks.data import Patch, random_crop
 
 
@@ -48,13 +52,75 @@ class Scores:
     predictions: list[Any] = field(default_factory=list)
 
 
-class FinetuneTask:
-    """Base of segment / classify / deblur. Subclasses set the names and implement the hooks."""
+# The single flat HeadConfig of format version 1 wrote these for every task.
+FLAT_V1_HEAD_DEFAULTS: dict[str, Any] = {"out_channels": 1, "residual": True, "kind": "linear",
+                                         "n_classes": 2, "hidden": 128, "dropout": 0.0}
 
-    name: str = ""
-    metrics: tuple[str, ...] = ()
-    val_metric: str = ""  # higher is better
-    foreground_crops: float = 0.0  # probability that a training crop is centred on a foreground voxel
+
+class FinetuneTask:
+    """Base of every task. Subclasses set the class attributes and implement the hooks.
+
+    Class attributes:
+        name: the registry name (`lsmfm finetune NAME`); the task's config section has this key.
+        summary: one line for `lsmfm finetune --help`.
+        config_class: the `FinetuneConfig` subclass with the task's section (`<name>: <Section>`).
+        head_class: the head's config dataclass (stored as `config.task["head"]`).
+        metrics: test metrics, in table order; val_metric: the one validation maximises.
+        foreground_crops: probability that a training crop is centred on a foreground voxel.
+        volume_output: what `lsmfm predict` writes: "mask" (probability + label image), "image"
+            (restored intensities) or None (not a dense task).
+    """
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    config_class: ClassVar[type[FinetuneConfig]] = FinetuneConfig
+    head_class: ClassVar[type]
+    metrics: ClassVar[tuple[str, ...]] = ()
+    val_metric: ClassVar[str] = ""  # higher is better
+    foreground_crops: ClassVar[float] = 0.0
+    volume_output: ClassVar[Literal["mask", "image"] | None] = None
+
+    def __init__(self, cfg: Any) -> None:
+        self.cfg = cfg
+
+    # ---- the model: head and forward (class-level: a saved model needs no task config) --------------
+    @classmethod
+    def build_head(cls, feature_dim: int, in_channels: int, head: Any) -> nn.Module:
+        """The head module for a backbone with `feature_dim` features and `in_channels` inputs."""
+        raise NotImplementedError
+
+    @classmethod
+    def forward(cls, backbone: nn.Module, head: nn.Module, head_cfg: Any, x: torch.Tensor) -> torch.Tensor:
+        """The model's output for input `x`: by default the head on the dense features."""
+        return head(backbone(x))
+
+    @classmethod
+    def read_head(cls, head: Any, source: str = "head config") -> Any:
+        """The head config from None (defaults), an instance, or a mapping (a model folder's
+        `task["head"]`; the other tasks' keys of the old flat layout are dropped at their defaults)."""
+        if head is None:
+            return cls.head_class()
+        if isinstance(head, cls.head_class):
+            return head
+        names = {f for f in cls.head_class.__dataclass_fields__}
+        data = {k: v for k, v in dict(head).items()
+                if k in names or FLAT_V1_HEAD_DEFAULTS.get(k, object()) != v}
+        return from_dict(cls.head_class, data, source=source)
+
+    @classmethod
+    def card_lines(cls, task: Mapping[str, Any]) -> list[str]:
+        """Model-card lines about a saved model of this task (`task`: its `config.task` entry)."""
+        return []
+
+    @classmethod
+    def predict_problem(cls, head_cfg: Any) -> str | None:
+        """Why `lsmfm predict` cannot run a model with this head, or None."""
+        if cls.volume_output is None:
+            return (f"is a {cls.name} model; `lsmfm predict` writes dense outputs (masks, restored "
+                    "images), which this task does not produce")
+        return None
+
+    # ---- data, training and scoring --------------------------------------------------------------
 
     def load_split(self, data: DataConfig, split: str) -> list[Patch]:
         """The checked patches of one split ("train", "val" or "test"), with what the task needs."""

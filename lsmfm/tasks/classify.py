@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import csv
 import io
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Mapping
 
 import numpy as np
 import torch
@@ -23,18 +24,73 @@ from lsmfm.data.normalize import NormalizeConfig, normalize_channels
 from lsmfm.errors import InputError
 from lsmfm.io.atomic import atomic_write_text
 from lsmfm.tasks.base import Example, FinetuneTask, Scores, window_starts
-from lsmfm.tasks.config import ClassifyConfig, DataConfig
+from lsmfm.tasks.config import DataConfig, FinetuneConfig
 from lsmfm.tasks.data import Patch, load_split
-from lsmfm.tasks.models import HeadConfig
+
+
+@dataclass
+class ClassifyConfig:
+    """Patch classification.
+
+    Args:
+        class_pattern: regular expression on the file name whose first group is the class
+            (the sample data: the structure name before `_patch_`).
+        class_field: catalog field holding the class (with data.catalog) instead of the pattern.
+        per_class: `shots` counts patches per class (N-way K-shot); false: patches in all.
+        head: "linear" or "mlp" on the pooled encoder features.
+        balanced: weight the cross-entropy of each class by its inverse frequency in the training patches.
+    """
+
+    class_pattern: str = r"^(.+?)_patch_"
+    class_field: str = "class_label"
+    per_class: bool = True
+    head: Literal["linear", "mlp"] = "linear"
+    hidden: int = 128
+    balanced: bool = True
+
+    def __post_init__(self) -> None:
+        if self.hidden < 1:
+            raise ValueError(f"classify.hidden must be >= 1, got {self.hidden}")
+
+
+@dataclass
+class ClassifyFinetuneConfig(FinetuneConfig):
+    classify: ClassifyConfig = field(default_factory=ClassifyConfig)
+
+
+@dataclass
+class ClassifyHeadConfig:
+    """A linear layer or an MLP (one hidden layer, GELU) on the pooled features.
+
+    Args:
+        kind: "linear" or "mlp".
+        n_classes: number of classes.
+        hidden: width of the MLP's hidden layer.
+        dropout: dropout before the last layer.
+    """
+
+    kind: Literal["linear", "mlp"] = "linear"
+    n_classes: int = 2
+    hidden: int = 128
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.hidden < 1 or self.n_classes < 2:
+            raise ValueError(f"head needs hidden >= 1 and n_classes >= 2, got {self}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"head dropout must be in [0, 1), got {self.dropout}")
 
 
 class ClassifyTask(FinetuneTask):
     name = "classify"
+    summary = "patch classification (class-balanced cross-entropy)"
+    config_class = ClassifyFinetuneConfig
+    head_class = ClassifyHeadConfig
     metrics = ("accuracy", "balanced_accuracy", "macro_f1")
     val_metric = "balanced_accuracy"
 
     def __init__(self, cfg: ClassifyConfig) -> None:
-        self.cfg = cfg
+        super().__init__(cfg)
         self.classes: list[str] = []
         self.class_weights = torch.ones(0)
 
@@ -75,8 +131,25 @@ class ClassifyTask(FinetuneTask):
         self.class_weights = torch.tensor(weights if self.cfg.balanced else np.ones_like(weights),
                                           dtype=torch.float32)
 
-    def head_config(self) -> HeadConfig:
-        return HeadConfig(kind=self.cfg.head, n_classes=len(self.classes), hidden=self.cfg.hidden)
+    @classmethod
+    def build_head(cls, feature_dim: int, in_channels: int, head: ClassifyHeadConfig) -> nn.Module:
+        if head.kind == "linear":
+            return nn.Sequential(nn.Dropout(head.dropout), nn.Linear(feature_dim, head.n_classes))
+        return nn.Sequential(nn.Linear(feature_dim, head.hidden), nn.GELU(), nn.Dropout(head.dropout),
+                             nn.Linear(head.hidden, head.n_classes))
+
+    @classmethod
+    def forward(cls, backbone: nn.Module, head: nn.Module, head_cfg: ClassifyHeadConfig, x: torch.Tensor
+                ) -> torch.Tensor:
+        """Class logits (B, n_classes) from the pooled embedding (`backbone.embed`)."""
+        return head(backbone.embed(x))
+
+    @classmethod
+    def card_lines(cls, task: Mapping[str, Any]) -> list[str]:
+        return [f"Classes (logit order): {', '.join(task['classes'])}"]
+
+    def head_config(self) -> ClassifyHeadConfig:
+        return ClassifyHeadConfig(kind=self.cfg.head, n_classes=len(self.classes), hidden=self.cfg.hidden)
 
     def model_fields(self) -> dict[str, Any]:
         return {"class_names": self.classes}

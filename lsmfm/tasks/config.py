@@ -1,7 +1,8 @@
-"""Typed config of `lsmfm finetune`: data, the few-shot protocol, training, and one section per task.
+"""Typed config of `lsmfm finetune`: data, the few-shot protocol and training, shared by every task.
 
-Each task has its own config class (the common keys plus its section), so a key of another task is an
-unknown-key error. Relative paths are relative to the current directory (run from the repository root).
+Each task module adds its own section in its config class (`FinetuneTask.config_class`: these keys plus
+`<task>:`), so a key of another task is an unknown-key error. Relative paths are relative to the
+current directory (run from the repository root).
 """
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from lsmfm.data.normalize import NormalizeConfig
-from lsmfm.models.backbones import BackboneConfig
+from lsmfm.models.backbones.registry import BackboneConfig, default_backbone_config
 
 
 @dataclass
@@ -82,79 +83,6 @@ class TrainConfig:
 
 
 @dataclass
-class SegmentConfig:
-    """Binary segmentation: Dice + BCE (or focal) + soft-clDice on foreground = label."""
-
-    binarize: bool = False
-    dice_weight: float = 1.0
-    bce_weight: float = 1.0
-    focal: bool = False
-    cldice_weight: float = 0.5
-    cldice_iters: int = 3
-    threshold: float = 0.5
-
-    def __post_init__(self) -> None:
-        weights = (self.dice_weight, self.bce_weight, self.cldice_weight)
-        if min(weights) < 0 or sum(weights) <= 0:
-            raise ValueError(f"segment loss weights must be >= 0 with a positive sum, got {weights}")
-        if self.cldice_iters < 0 or not 0.0 < self.threshold < 1.0:
-            raise ValueError("segment.cldice_iters must be >= 0 and segment.threshold in (0, 1)")
-
-
-@dataclass
-class ClassifyConfig:
-    """Patch classification.
-
-    Args:
-        class_pattern: regular expression on the file name whose first group is the class
-            (the sample data: the structure name before `_patch_`).
-        class_field: catalog field holding the class (with data.catalog) instead of the pattern.
-        per_class: `shots` counts patches per class (N-way K-shot); false: patches in all.
-        head: "linear" or "mlp" on the pooled encoder features.
-        balanced: weight the cross-entropy of each class by its inverse frequency in the training patches.
-    """
-
-    class_pattern: str = r"^(.+?)_patch_"
-    class_field: str = "class_label"
-    per_class: bool = True
-    head: Literal["linear", "mlp"] = "linear"
-    hidden: int = 128
-    balanced: bool = True
-
-    def __post_init__(self) -> None:
-        if self.hidden < 1:
-            raise ValueError(f"classify.hidden must be >= 1, got {self.hidden}")
-
-
-@dataclass
-class DeblurConfig:
-    """Residual deblurring, L1 + SSIM loss.
-
-    Args:
-        pairs: "files" reads `<stem>_blurred` next to each image; "synthetic" blurs the sharp image with
-            an anisotropic Gaussian PSF (`psf_sigma` in voxels, z y x: light-sheet-like, longest along z)
-            and adds Poisson-Gaussian noise (`photons` expected at the 99.5th percentile intensity, read
-            noise `read_noise` as a fraction of it), once per image with a seed from its file name.
-    """
-
-    pairs: Literal["files", "synthetic"] = "files"
-    psf_sigma: list[float] = field(default_factory=lambda: [2.5, 1.0, 1.0])
-    photons: float = 200.0
-    read_noise: float = 0.01
-    l1_weight: float = 1.0
-    ssim_weight: float = 0.5
-
-    def __post_init__(self) -> None:
-        if len(self.psf_sigma) != 3 or min(self.psf_sigma) < 0:
-            raise ValueError(f"deblur.psf_sigma must be three non-negative sigmas (z, y, x), got "
-                             f"{self.psf_sigma}")
-        if self.photons <= 0 or self.read_noise < 0:
-            raise ValueError("deblur.photons must be > 0 and deblur.read_noise >= 0")
-        if min(self.l1_weight, self.ssim_weight) < 0 or self.l1_weight + self.ssim_weight <= 0:
-            raise ValueError("deblur.l1_weight and deblur.ssim_weight must be >= 0 with a positive sum")
-
-
-@dataclass
 class FinetuneConfig:
     """Keys shared by every task.
 
@@ -174,7 +102,7 @@ class FinetuneConfig:
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     init: Literal["pretrained", "scratch", "both"] = "both"
     pretrained: str = ""
-    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    backbone: BackboneConfig = field(default_factory=default_backbone_config)
     normalize: NormalizeConfig | None = None
     train: TrainConfig = field(default_factory=TrainConfig)
     keep: Literal["best", "all"] = "best"
@@ -196,25 +124,3 @@ class FinetuneConfig:
     @property
     def inits(self) -> list[str]:
         return ["pretrained", "scratch"] if self.init == "both" else [self.init]
-
-
-@dataclass
-class SegmentFinetuneConfig(FinetuneConfig):
-    segment: SegmentConfig = field(default_factory=SegmentConfig)
-
-
-@dataclass
-class ClassifyFinetuneConfig(FinetuneConfig):
-    classify: ClassifyConfig = field(default_factory=ClassifyConfig)
-
-
-@dataclass
-class DeblurFinetuneConfig(FinetuneConfig):
-    deblur: DeblurConfig = field(default_factory=DeblurConfig)
-
-
-CONFIG_CLASSES: dict[str, type[FinetuneConfig]] = {
-    "segment": SegmentFinetuneConfig,
-    "classify": ClassifyFinetuneConfig,
-    "deblur": DeblurFinetuneConfig,
-}

@@ -9,7 +9,9 @@ target (`psnr_input`, `ssim_input`) is the baseline a model must beat.
 from __future__ import annotations
 
 import zlib
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -17,10 +19,50 @@ from torch import nn
 
 from lsmfm.data.normalize import NormalizeConfig, denormalize_channels, normalize_channels
 from lsmfm.tasks.base import Example, FinetuneTask, Scores, sliding_window
-from lsmfm.tasks.config import DataConfig, DeblurConfig
+from lsmfm.tasks.config import DataConfig, FinetuneConfig
 from lsmfm.tasks.data import Patch, load_split
-from lsmfm.tasks.models import HeadConfig
 from lsmfm.tasks.outputs import write_prediction
+
+
+@dataclass
+class DeblurConfig:
+    """Residual deblurring, L1 + SSIM loss.
+
+    Args:
+        pairs: "files" reads `<stem>_blurred` next to each image; "synthetic" blurs the sharp image with
+            an anisotropic Gaussian PSF (`psf_sigma` in voxels, z y x: light-sheet-like, longest along z)
+            and adds Poisson-Gaussian noise (`photons` expected at the 99.5th percentile intensity, read
+            noise `read_noise` as a fraction of it), once per image with a seed from its file name.
+    """
+
+    pairs: Literal["files", "synthetic"] = "files"
+    psf_sigma: list[float] = field(default_factory=lambda: [2.5, 1.0, 1.0])
+    photons: float = 200.0
+    read_noise: float = 0.01
+    l1_weight: float = 1.0
+    ssim_weight: float = 0.5
+
+    def __post_init__(self) -> None:
+        if len(self.psf_sigma) != 3 or min(self.psf_sigma) < 0:
+            raise ValueError(f"deblur.psf_sigma must be three non-negative sigmas (z, y, x), got "
+                             f"{self.psf_sigma}")
+        if self.photons <= 0 or self.read_noise < 0:
+            raise ValueError("deblur.photons must be > 0 and deblur.read_noise >= 0")
+        if min(self.l1_weight, self.ssim_weight) < 0 or self.l1_weight + self.ssim_weight <= 0:
+            raise ValueError("deblur.l1_weight and deblur.ssim_weight must be >= 0 with a positive sum")
+
+
+@dataclass
+class DeblurFinetuneConfig(FinetuneConfig):
+    deblur: DeblurConfig = field(default_factory=DeblurConfig)
+
+
+@dataclass
+class DeblurHeadConfig:
+    """A 1x1x1 conv from the dense features to the image channels, zero-initialised; `residual`: its
+    output is added to the input (an untrained model returns its input)."""
+
+    residual: bool = True
 
 
 def degrade(image: np.ndarray, cfg: DeblurConfig, seed: int) -> np.ndarray:
@@ -48,13 +90,17 @@ def channel_bounds(image: np.ndarray, cfg: NormalizeConfig) -> list[tuple[float,
 
 class DeblurTask(FinetuneTask):
     name = "deblur"
+    summary = "residual deblurring (L1 + SSIM)"
+    config_class = DeblurFinetuneConfig
+    head_class = DeblurHeadConfig
     metrics = ("psnr", "ssim", "psnr_input", "ssim_input")
     val_metric = "psnr"
+    volume_output = "image"
 
     def __init__(self, cfg: DeblurConfig) -> None:
         from lsmfm.losses.ssim import SSIMLoss
 
-        self.cfg = cfg
+        super().__init__(cfg)
         self.ssim_loss = SSIMLoss()
 
     def load_split(self, data: DataConfig, split: str) -> list[Patch]:
@@ -64,8 +110,21 @@ class DeblurTask(FinetuneTask):
                 p.blurred = degrade(p.image, self.cfg, zlib.crc32(p.stem.encode()))
         return patches
 
-    def head_config(self) -> HeadConfig:
-        return HeadConfig(residual=True)
+    @classmethod
+    def build_head(cls, feature_dim: int, in_channels: int, head: DeblurHeadConfig) -> nn.Module:
+        conv = nn.Conv3d(feature_dim, in_channels, kernel_size=1)
+        nn.init.zeros_(conv.weight)
+        nn.init.zeros_(conv.bias)
+        return conv
+
+    @classmethod
+    def forward(cls, backbone: nn.Module, head: nn.Module, head_cfg: DeblurHeadConfig, x: torch.Tensor
+                ) -> torch.Tensor:
+        out = head(backbone(x))
+        return x + out if head_cfg.residual else out
+
+    def head_config(self) -> DeblurHeadConfig:
+        return DeblurHeadConfig(residual=True)
 
     def prepare(self, patch: Patch, normalize: NormalizeConfig) -> Example:
         assert patch.blurred is not None

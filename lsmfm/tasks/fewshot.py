@@ -35,22 +35,16 @@ from lsmfm.data.normalize import NormalizeConfig
 from lsmfm.device import resolve_device
 from lsmfm.errors import ConfigError, InputError
 from lsmfm.io.atomic import atomic_dir, atomic_write_text
-from lsmfm.models.backbones import BackboneConfig, build_backbone
+from lsmfm.models.backbones.registry import BackboneConfig, build_backbone
 from lsmfm.tasks.base import Example, FinetuneTask, Geometry, Scores
 from lsmfm.tasks.config import FinetuneConfig
 from lsmfm.tasks.data import Patch, check_channels, check_fits
+from lsmfm.tasks.registry import task_class
 
 
 def build_task(task: str, cfg: FinetuneConfig) -> FinetuneTask:
-    """The task object for `task`, configured by its section of `cfg`."""
-    from lsmfm.tasks.classify import ClassifyTask
-    from lsmfm.tasks.deblur import DeblurTask
-    from lsmfm.tasks.segment import SegmentTask
-
-    classes = {"segment": SegmentTask, "classify": ClassifyTask, "deblur": DeblurTask}
-    if task not in classes:
-        raise ConfigError(f"unknown task {task!r}; expected one of {', '.join(classes)}")
-    return classes[task](getattr(cfg, task))
+    """The task object for `task` (a registered name), configured by its section of `cfg`."""
+    return task_class(task)(getattr(cfg, task))
 
 
 @dataclass

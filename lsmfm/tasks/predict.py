@@ -13,9 +13,10 @@ Normalisation is the model's recorded `NormalizeConfig`, with bounds from the in
 statistics when present, else from one strided subsample (<= ~2M voxels) of the whole volume; never per
 block, which would give every block its own intensity scale.
 
-Outputs (`<out>.partial` while running, renamed to `<out>` at the end):
-    segment: `0` float32 probabilities (c=1, z, y, x); `labels/mask` uint8 mask (probability > threshold)
-    deblur:  `0` float32 restored image in the input's intensity units (c, z, y, x)
+Outputs (`<out>.partial` while running, renamed to `<out>` at the end), by the task's `volume_output`:
+    mask (segment):  `0` float32 probabilities (c=1, z, y, x); `labels/mask` uint8 mask (probability >
+                     threshold)
+    image (deblur):  `0` float32 restored image in the input's intensity units (c, z, y, x)
 """
 from __future__ import annotations
 
@@ -193,13 +194,9 @@ class PredictOptions:
 def check_inputs(model_dir: str | Path, model: Any, config: Any, volume: Volume, opts: PredictOptions
                  ) -> None:
     """Every reason the run cannot succeed, raised before any output exists."""
-    task = model.task
-    if task == "classify":
-        raise InputError(model_dir, "is a classify model; `lsmfm predict` writes dense outputs and supports "
-                                    "segment and deblur models only")
-    if task == "segment" and model.head_config.out_channels != 1:
-        raise InputError(model_dir, f"segment model has {model.head_config.out_channels} output channels; "
-                                    "predict supports binary segmentation (1 channel)")
+    problem = model.spec.predict_problem(model.head_config)
+    if problem is not None:
+        raise InputError(model_dir, problem)
     roi = config.patch_size  # validated on load: three positive multiples of the backbone's size multiple
     if opts.block < max(roi):
         raise ConfigError(f"block {opts.block} is smaller than the model's patch size {list(roi)}; "
@@ -226,11 +223,12 @@ def predict_volume(model_dir: str | Path, input_path: str | Path, out_path: str 
     bounds, source = normalization_bounds(volume, config.normalize)
     info: dict[str, Any] = {
         "model": str(model_dir), "input": str(input_path), "task": model.task,
+        "output": model.spec.volume_output,
         "patch_size": list(config.patch_size), "block": opts.block, "overlap": opts.overlap,
         "bounds": [list(b) for b in bounds], "bounds_source": source, "model_voxel_size": config.voxel_size,
         "normalize": {"lower": config.normalize.lower, "upper": config.normalize.upper,
                       "clip": config.normalize.clip}}
-    if model.task == "segment":
+    if model.spec.volume_output == "mask":
         recorded = config.task.get("threshold", 0.5)
         info["threshold"] = float(opts.threshold if opts.threshold is not None else recorded)
     partial = out.with_name(out.name + ".partial")
@@ -240,7 +238,7 @@ def predict_volume(model_dir: str | Path, input_path: str | Path, out_path: str 
         windows = write_prediction(partial, model, config, volume, bounds, opts, info.get("threshold"),
                                    progress)
         seconds = time.perf_counter() - start
-        write_metadata(partial, out.name, volume.voxel_size, info, segment=model.task == "segment")
+        write_metadata(partial, out.name, volume.voxel_size, info, segment=model.spec.volume_output == "mask")
         replace_dir(partial, out)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
@@ -259,7 +257,7 @@ def write_prediction(path: Path, model: Any, config: Any, volume: Volume, bounds
 
     roi = tuple(int(v) for v in config.patch_size)
     data = volume.czyx
-    segment = model.task == "segment"
+    segment = model.spec.volume_output == "mask"
     blocks = plan_blocks(volume.spatial_shape, roi, opts.overlap, opts.block)  # type: ignore[arg-type]
     image, mask = create_store(path, 1 if segment else data.shape[0], volume.spatial_shape, segment,
                                output_chunk(blocks))
@@ -293,7 +291,7 @@ def predict_block(model: torch.nn.Module, block: np.ndarray, roi: tuple[int, int
     """Gaussian-blended sliding window over one normalised (C, Z, Y, X) block: segmentation
     probabilities (1, Z, Y, X) or the restored image in normalised units (C, Z, Y, X)."""
     y = sliding_window(model, block, roi, opts.overlap, opts.batch_size)
-    return (y.sigmoid_() if model.task == "segment" else y).numpy()
+    return (y.sigmoid_() if model.spec.volume_output == "mask" else y).numpy()
 
 
 def create_store(path: Path, channels: int, shape: tuple[int, int, int], segment: bool,

@@ -7,8 +7,9 @@ structures (plaques: 0.2 % of the voxels) are seen at all.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -16,24 +17,63 @@ from torch import nn
 
 from lsmfm.data.normalize import NormalizeConfig, normalize_channels
 from lsmfm.tasks.base import Example, FinetuneTask, Scores, sliding_window
-from lsmfm.tasks.config import DataConfig, SegmentConfig
+from lsmfm.tasks.config import DataConfig, FinetuneConfig
 from lsmfm.tasks.data import Patch, load_split
-from lsmfm.tasks.models import HeadConfig
 from lsmfm.tasks.outputs import write_prediction
 
 MAX_FOREGROUND_POINTS = 20000
 
 
+@dataclass
+class SegmentConfig:
+    """Binary segmentation: Dice + BCE (or focal) + soft-clDice on foreground = label."""
+
+    binarize: bool = False
+    dice_weight: float = 1.0
+    bce_weight: float = 1.0
+    focal: bool = False
+    cldice_weight: float = 0.5
+    cldice_iters: int = 3
+    threshold: float = 0.5
+
+    def __post_init__(self) -> None:
+        weights = (self.dice_weight, self.bce_weight, self.cldice_weight)
+        if min(weights) < 0 or sum(weights) <= 0:
+            raise ValueError(f"segment loss weights must be >= 0 with a positive sum, got {weights}")
+        if self.cldice_iters < 0 or not 0.0 < self.threshold < 1.0:
+            raise ValueError("segment.cldice_iters must be >= 0 and segment.threshold in (0, 1)")
+
+
+@dataclass
+class SegmentFinetuneConfig(FinetuneConfig):
+    segment: SegmentConfig = field(default_factory=SegmentConfig)
+
+
+@dataclass
+class SegmentHeadConfig:
+    """A 1x1x1 conv from the dense features to `out_channels` logits (1: binary segmentation)."""
+
+    out_channels: int = 1
+
+    def __post_init__(self) -> None:
+        if self.out_channels < 1:
+            raise ValueError(f"head out_channels must be >= 1, got {self.out_channels}")
+
+
 class SegmentTask(FinetuneTask):
     name = "segment"
+    summary = "binary segmentation (Dice + BCE/focal + soft-clDice)"
+    config_class = SegmentFinetuneConfig
+    head_class = SegmentHeadConfig
     metrics = ("dice", "cldice", "iou")
     val_metric = "dice"
     foreground_crops = 0.5
+    volume_output = "mask"
 
     def __init__(self, cfg: SegmentConfig) -> None:
         from lsmfm.losses.segmentation import SegmentationLoss
 
-        self.cfg = cfg
+        super().__init__(cfg)
         self.loss_fn = SegmentationLoss(dice_weight=cfg.dice_weight, bce_weight=cfg.bce_weight,
                                         focal=cfg.focal, cldice_weight=cfg.cldice_weight,
                                         cldice_iters=cfg.cldice_iters)
@@ -41,8 +81,23 @@ class SegmentTask(FinetuneTask):
     def load_split(self, data: DataConfig, split: str) -> list[Patch]:
         return load_split(data, split, label=True, binarize=self.cfg.binarize)
 
-    def head_config(self) -> HeadConfig:
-        return HeadConfig(out_channels=1)
+    @classmethod
+    def build_head(cls, feature_dim: int, in_channels: int, head: SegmentHeadConfig) -> nn.Module:
+        return nn.Conv3d(feature_dim, head.out_channels, kernel_size=1)
+
+    @classmethod
+    def card_lines(cls, task: Mapping[str, Any]) -> list[str]:
+        return [f"Mask threshold on the foreground probability: {task['threshold']}"]
+
+    @classmethod
+    def predict_problem(cls, head_cfg: SegmentHeadConfig) -> str | None:
+        if head_cfg.out_channels != 1:
+            return (f"segment model has {head_cfg.out_channels} output channels; predict supports binary "
+                    "segmentation (1 channel)")
+        return None
+
+    def head_config(self) -> SegmentHeadConfig:
+        return SegmentHeadConfig(out_channels=1)
 
     def model_fields(self) -> dict[str, Any]:
         return {"threshold": self.cfg.threshold}

@@ -1,20 +1,12 @@
 """Model cards (a weights folder's README.md): what the network is, what it learnt from, how to load it."""
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 
-from lsmfm.weights.format import ModelConfig
-
-
-def _arch_line(config: ModelConfig) -> str:
-    b = config.backbone
-    if b.arch == "unet":
-        return (f"MONAI UNet, channels {'-'.join(map(str, b.channels))}, "
-                f"strides {'-'.join(map(str, b.strides))}, residual units {b.num_res_units}, {b.norm} norm, "
-                f"{b.out_channels} output channels")
-    return f"MONAI SwinUNETR, feature_size {b.feature_size}, {b.norm} norm, {b.out_channels} output channels"
+if TYPE_CHECKING:  # format.py renders cards: only the type is needed here
+    from lsmfm.weights.format import ModelConfig
 
 
 def _listing(value: Any) -> str:
@@ -37,7 +29,7 @@ def render_model_card(config: ModelConfig, state_dict: Mapping[str, torch.Tensor
         "---",
         f"# {title}",
         "",
-        f"- Architecture: {_arch_line(config)} ({n_params / 1e6:.2f} M values in floating tensors)",
+        f"- Architecture: {config.backbone.card_line()} ({n_params / 1e6:.2f} M values in floating tensors)",
         f"- Patch size (z, y, x): {' x '.join(map(str, config.patch_size))} voxels; voxel size: {voxel}",
         f"- Normalisation: percentiles {norm.lower}-{norm.upper} to [0, 1]{', clipped' if norm.clip else ''}",
     ]

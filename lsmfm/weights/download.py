@@ -52,8 +52,8 @@ def snapshot(repo: str, revision: str | None = None, **hub_kwargs: Any) -> Path:
         path = snapshot_download(repo_id=repo_id, revision=revision or rev or None,
                                  allow_patterns=[WEIGHTS_NAME, CONFIG_NAME, CARD_NAME], **hub_kwargs)
     except Exception as exc:  # offline, missing repo, auth: all reported the same way
-        raise InputError(HF_PREFIX + repo, "not a local file or folder nor a registered release, and "
-                                           f"it could not be fetched from the Hugging Face Hub: {exc}") from exc
+        raise InputError(HF_PREFIX + repo, "not a local file or folder nor a registered release, and it "
+                                           f"could not be fetched from the Hugging Face Hub: {exc}") from exc
     return Path(path)
 
 

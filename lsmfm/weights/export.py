@@ -19,7 +19,7 @@ import torch
 from lsmfm.config import from_dict, read_yaml
 from lsmfm.data.normalize import NormalizeConfig
 from lsmfm.errors import ConfigError, InputError
-from lsmfm.models.backbones import BackboneConfig, build_backbone
+from lsmfm.models.backbones.registry import BackboneConfig, build_backbone
 from lsmfm.weights.card import render_model_card
 from lsmfm.weights.format import ModelConfig, save_model_dir
 from lsmfm.weights.load import load_strict

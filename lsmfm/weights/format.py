@@ -23,14 +23,14 @@ from lsmfm.config import from_dict, to_dict
 from lsmfm.data.normalize import NormalizeConfig
 from lsmfm.errors import ConfigError, InputError
 from lsmfm.io.atomic import atomic_dir
-from lsmfm.models.backbones import BackboneConfig
+from lsmfm.tasks.registry import TASKS
+from lsmfm.models.backbones.registry import BackboneConfig, default_backbone_config
 
 FORMAT_VERSION = 1
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 CARD_NAME = "README.md"
 METADATA_KEY = "lsmfm_config"
-TASKS = ("segment", "classify", "deblur")
 
 
 @dataclass
@@ -45,12 +45,12 @@ class ModelConfig:
         normalize: the intensity normalisation inputs must get before the network sees them.
         pretraining: mode ("image_only" | "image_text"), recipe, data sources, source checkpoint,
             which network of the student/teacher pair these weights are, steps.
-        task: None for a pretrained backbone; finetuned models set {"name": segment|classify|deblur,
+        task: None for a pretrained backbone; finetuned models set {"name": a registered task,
             "head": {...}} and store their weights as `backbone.*` + `head.*`.
     """
 
     format_version: int = FORMAT_VERSION
-    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    backbone: BackboneConfig = field(default_factory=default_backbone_config)
     patch_size: list[int] = field(default_factory=lambda: [64, 64, 64])
     voxel_size: list[float] | None = None
     normalize: NormalizeConfig = field(default_factory=NormalizeConfig)
@@ -77,7 +77,7 @@ class ModelConfig:
         if which is not None and which not in ("teacher", "student"):
             raise ValueError(f"pretraining.which must be teacher or student, got {which!r}")
         if self.task is not None and self.task.get("name") not in TASKS:
-            raise ValueError(f"task.name must be one of {list(TASKS)}, got {self.task.get('name')!r}")
+            raise ValueError(f"task.name must be one of {sorted(TASKS)}, got {self.task.get('name')!r}")
 
     def to_json(self) -> str:
         return json.dumps(to_dict(self), indent=2) + "\n"

@@ -21,9 +21,9 @@ class HubMixin(ModelHubMixin, library_name="lsmfm",
                tags=["light-sheet-microscopy", "3d", "foundation-model", "lsmfm"]):
     """Adds Hub-style save/load/push in the lsmfm format to a backbone class."""
 
-    def save_pretrained(self, save_directory: str | Path, *, config: Any = None, model_card: str | None = None,
-                        overwrite: bool = False, model_card_kwargs: dict[str, Any] | None = None,
-                        **fields: Any) -> Path:
+    def save_pretrained(self, save_directory: str | Path, *, config: Any = None,
+                        model_card: str | None = None, overwrite: bool = False,
+                        model_card_kwargs: dict[str, Any] | None = None, **fields: Any) -> Path:
         """Save in the released format, atomically (temporary folder, then rename); returns the folder.
 
         Args:
@@ -56,5 +56,6 @@ class HubMixin(ModelHubMixin, library_name="lsmfm",
         net = load_pretrained(pretrained_model_name_or_path, which=which, map_location=map_location,
                               revision=revision, **hub_kwargs)
         if not isinstance(net, cls):
-            raise InputError(pretrained_model_name_or_path, f"holds a {type(net).__name__}, not a {cls.__name__}")
+            raise InputError(pretrained_model_name_or_path,
+                             f"holds a {type(net).__name__}, not a {cls.__name__}")
         return net

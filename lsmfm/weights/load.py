@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from lsmfm.errors import InputError
-from lsmfm.models.backbones import build_backbone
+from lsmfm.models.backbones.registry import build_backbone
 from lsmfm.weights.format import ModelConfig, read_model_dir, read_safetensors_file
 
 LIST_MAX = 8

@@ -21,7 +21,7 @@ import torch
 
 from lsmfm.data.normalize import NormalizeConfig
 from lsmfm.errors import InputError
-from lsmfm.models.backbones import BackboneConfig
+from lsmfm.models.backbones.registry import BackboneConfig
 from lsmfm.weights.format import ModelConfig
 
 PREFIXES = {"teacher": "teacher_encoder.", "student": "student_encoder."}
@@ -89,13 +89,14 @@ def from_paper_checkpoint(obj: Mapping[str, Any], path: str | Path,
 
 def infer_backbone_config(state: Mapping[str, torch.Tensor], path: str | Path,
                           hp: Mapping[str, Any] | None = None) -> BackboneConfig:
-    """Architecture and its arguments from MONAI key names and tensor shapes."""
+    """Architecture and its arguments from MONAI key names and tensor shapes: the first registered
+    architecture whose `from_paper_state` recognises the keys."""
+    from lsmfm.models.backbones.registry import BACKBONES, backbone_config_class
+
     model_hp = _section(hp or {}, "model")
-    if "swinViT.patch_embed.proj.weight" in state:
-        cfg = _infer_swin(state, path)
-    elif any(k.startswith("model.0.") for k in state):
-        cfg = _infer_unet(state, path, _section(model_hp, "unet"))
-    else:
+    found = (backbone_config_class(arch).from_paper_state(state, path, model_hp) for arch in BACKBONES)
+    cfg = next((c for c in found if c is not None), None)
+    if cfg is None:
         raise InputError(path, "encoder keys are neither a MONAI UNet (model.0.*) nor a SwinUNETR "
                                "(swinViT.*)")
     embed = model_hp.get("embed_dim")
@@ -103,56 +104,6 @@ def infer_backbone_config(state: Mapping[str, torch.Tensor], path: str | Path,
         raise InputError(path, f"hyper_parameters say embed_dim {embed}, but the weights have "
                                f"{cfg.out_channels} output channels")
     return cfg
-
-
-def _norm_of(state: Mapping[str, torch.Tensor], stem: str, path: str | Path) -> str:
-    """MONAI norms: batch has running stats, affine-free instance norm (the default) has no tensors."""
-    if f"{stem}.running_mean" in state:
-        return "batch"
-    if f"{stem}.weight" in state:
-        raise InputError(path, f"unsupported normalisation layer at {stem} (only batch and instance norm)")
-    return "instance"
-
-
-def _infer_swin(state: Mapping[str, torch.Tensor], path: str | Path) -> BackboneConfig:
-    embed = state["swinViT.patch_embed.proj.weight"]
-    out = state.get("out.conv.conv.weight")
-    if out is None:
-        raise InputError(path, "SwinUNETR weights without out.conv.conv.weight (output layer)")
-    return BackboneConfig(arch="swinunetr", in_channels=int(embed.shape[1]), out_channels=int(out.shape[0]),
-                          feature_size=int(embed.shape[0]),
-                          norm=_norm_of(state, "encoder1.layer.norm1", path))
-
-
-def _infer_unet(state: Mapping[str, torch.Tensor], path: str | Path,
-                unet_hp: Mapping[str, Any]) -> BackboneConfig:
-    """Walk MONAI UNet's nesting: level i lives under model.(1.submodule.)^i; the bottom has no 0./2."""
-    residual = "model.0.conv.unit0.conv.weight" in state
-    first = "conv.unit0.conv.weight" if residual else "conv.weight"
-    channels, strided = [], []
-    level = "model."
-    while f"{level}0.{first}" in state:
-        channels.append(int(state[f"{level}0.{first}"].shape[0]))
-        res = state.get(f"{level}0.residual.weight")
-        # MONAI: a 3x3x3 residual conv means a strided level, 1x1x1 (or none, same width) stride 1;
-        # without residual units the stride is not visible in the shapes and the paper's 2 is assumed.
-        strided.append(res.shape[-1] != 1 if res is not None else not residual)
-        level += "1.submodule."
-    if f"{level}{first}" not in state or not channels:
-        raise InputError(path, f"UNet weights without the expected bottom layer {level}{first}")
-    channels.append(int(state[f"{level}{first}"].shape[0]))
-    strides = [2 if s else 1 for s in strided]
-    hp_strides = unet_hp.get("strides")
-    if isinstance(hp_strides, (list, tuple)) and len(hp_strides) == len(strides):
-        if [int(s) != 1 for s in hp_strides] != strided:
-            raise InputError(path, f"hyper_parameters strides {list(hp_strides)} disagree with the weights")
-        strides = [int(s) for s in hp_strides]
-    units = sum(1 for k in state if k.startswith("model.0.conv.unit") and k.endswith(".conv.weight"))
-    up = state["model.2.0.conv.weight" if residual else "model.2.conv.weight"]
-    stem = "model.0.conv.unit0.adn.N" if residual else "model.0.adn.N"
-    return BackboneConfig(arch="unet", in_channels=int(state[f"model.0.{first}"].shape[1]),
-                          out_channels=int(up.shape[1]), channels=channels, strides=strides,
-                          num_res_units=units, norm=_norm_of(state, stem, path))
 
 
 def _section(d: Mapping[str, Any], key: str) -> Mapping[str, Any]:

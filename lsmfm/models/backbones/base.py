@@ -1,0 +1,51 @@
+"""The interface every 3D backbone shares: dense per-voxel features and a pooled embedding, input checks,
+and the Hub-style `save_pretrained` / `from_pretrained` / `push_to_hub` of the weights format.
+
+Architectures subclass `Backbone` together with their network (see `unet.py`), so their `state_dict()`
+keys stay the network's own (MONAI's, for the LSM foundation model paper's weights).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+from lsmfm.errors import InputError
+from lsmfm.models.backbones.registry import BackboneConfig
+from lsmfm.weights.hub import HubMixin
+
+
+class Backbone(HubMixin):
+    """Shared API: `forward(x)` gives (B, C, D, H, W) features, `embed(x)` a pooled (B, C) vector.
+
+    `HubMixin` adds `save_pretrained(dir)`, `from_pretrained(source)` and `push_to_hub(repo_id)`.
+    """
+
+    config: BackboneConfig
+
+    @property
+    def feature_dim(self) -> int:
+        return self.config.out_channels
+
+    def check_input(self, x: torch.Tensor) -> None:
+        m = self.config.size_multiple
+        if x.ndim != 5 or x.shape[1] != self.config.in_channels:
+            raise ValueError(f"expected input (B, {self.config.in_channels}, D, H, W), got {tuple(x.shape)}")
+        if any(s % m for s in x.shape[2:]):
+            raise ValueError(f"{self.config.arch} needs spatial sizes divisible by {m}, got "
+                             f"{tuple(x.shape[2:])}")
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Global average of the dense features: one embedding per patch."""
+        return self(x).mean(dim=(2, 3, 4))
+
+
+def norm_from_state(state: Mapping[str, torch.Tensor], stem: str, path: str | Path) -> str:
+    """MONAI norms in a state dict: batch has running stats, affine-free instance norm (MONAI's default)
+    has no tensors."""
+    if f"{stem}.running_mean" in state:
+        return "batch"
+    if f"{stem}.weight" in state:
+        raise InputError(path, f"unsupported normalisation layer at {stem} (only batch and instance norm)")
+    return "instance"

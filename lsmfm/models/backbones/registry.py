@@ -1,0 +1,112 @@
+"""The one registry of 3D backbones, by architecture name (`arch` in every config and model folder).
+
+Each architecture is one module with one config class (a `BackboneConfig` subclass whose `arch` field is
+its tag) that owns everything about it: its arguments and their checks, the size multiple of its
+inputs, `build()`, the model card's line and the mapping from the LSM foundation model paper's
+checkpoint keys (`from_paper_state`). Adding one is that module plus one line in `BACKBONES` (or a
+`register_backbone` call). Entries are `module:Class` names, imported when first used, so reading a
+config imports only its own architecture.
+
+Configs with `backbone:` sections (pretraining, finetuning, model folders) are parsed through
+`BackboneConfig.config_variant`: the `arch` key picks the class (default `DEFAULT_ARCH`). Files written before
+there was one class per architecture hold every field of every architecture; those other
+architectures' keys are dropped when they hold their old defaults.
+
+Example:
+    >>> cfg = from_dict(BackboneConfig, {"arch": "unet", "channels": [8, 16, 32], "strides": [2, 2]})
+    >>> net = build_backbone(cfg)
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from lsmfm.errors import ConfigError
+from lsmfm.registry import Registry
+
+DEFAULT_ARCH = "unet"  # of a `backbone:` section without `arch`
+BACKBONES = Registry("backbone arch", {
+    "unet": "lsmfm.models.backbones.unet:UNetConfig",
+    "swinunetr": "lsmfm.models.backbones.swinunetr:SwinUNETRConfig",
+})
+# The single flat BackboneConfig of format version 1 wrote these for every architecture.
+FLAT_V1_DEFAULTS: dict[str, Any] = {"channels": [32, 64, 128, 256, 512], "strides": [2, 2, 2, 1],
+                                    "num_res_units": 2, "feature_size": 24, "use_checkpoint": False}
+
+
+@dataclass
+class BackboneConfig:
+    """Base of every architecture's config: the tag and the channel counts every backbone has.
+
+    Args:
+        arch: the architecture (a key of `BACKBONES`); each subclass fixes it.
+        in_channels: image channels.
+        out_channels: dense feature (and pooled embedding) dimension.
+    """
+
+    arch: str = DEFAULT_ARCH
+    in_channels: int = 1
+    out_channels: int = 128
+
+    def __post_init__(self) -> None:
+        if min(self.in_channels, self.out_channels) < 1:
+            raise ValueError("in_channels and out_channels must be >= 1")
+
+    @property
+    def size_multiple(self) -> int:
+        """Every spatial input size must be a multiple of this."""
+        raise NotImplementedError
+
+    def build(self) -> Any:
+        """The network (an `lsmfm.models.backbones.base.Backbone`), freshly initialised."""
+        raise NotImplementedError
+
+    def card_line(self) -> str:
+        """One line for model cards: the architecture and its arguments."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_paper_state(cls, state: Mapping[str, Any], path: str | Path,
+                         hp: Mapping[str, Any]) -> BackboneConfig | None:
+        """The config of an encoder state dict from the paper's checkpoints (MONAI key names), or None
+        when the keys are not this architecture's; `hp`: the checkpoint's `hyper_parameters.model`."""
+        return None
+
+    @classmethod
+    def config_variant(cls, data: Any, where: str) -> tuple[type, Any]:
+        """The class a `backbone:` mapping describes (by its `arch`) and the mapping to build it from."""
+        if not isinstance(data, dict):
+            return cls, data
+        own = cls.__dataclass_fields__["arch"].default
+        arch = data.get("arch", DEFAULT_ARCH) if cls is BackboneConfig else own
+        if not isinstance(arch, str):
+            raise ConfigError(f"{where}: arch must be a string, got {arch!r}")
+        target = backbone_config_class(arch) if cls is BackboneConfig else cls
+        names = {f.name for f in dataclasses.fields(target)}
+        kept = {k: v for k, v in data.items() if k in names or FLAT_V1_DEFAULTS.get(k, object()) != v}
+        return target, kept
+
+
+def register_backbone(arch: str, target: str, replace: bool = False) -> None:
+    """Add an architecture: `target` is "module:ConfigClass" (an existing `arch` needs `replace=True`)."""
+    BACKBONES.register(arch, target, replace)
+
+
+def backbone_config_class(arch: str) -> type[BackboneConfig]:
+    """The config class of `arch`; an unknown name is a ConfigError listing the known ones."""
+    cls = BACKBONES.load(arch)
+    if not (isinstance(cls, type) and issubclass(cls, BackboneConfig)):
+        raise TypeError(f"{BACKBONES[arch]} is not a BackboneConfig subclass")
+    return cls
+
+
+def default_backbone_config() -> BackboneConfig:
+    """The default architecture with its defaults (the paper's UNet)."""
+    return backbone_config_class(DEFAULT_ARCH)()
+
+
+def build_backbone(config: BackboneConfig) -> Any:
+    """Construct the backbone `config` describes (its architecture's `build()`)."""
+    return config.build()

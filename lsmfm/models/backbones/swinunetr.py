@@ -1,0 +1,76 @@
+"""MONAI SwinUNETR as a 3D backbone: its config, network, model-card line and the paper-checkpoint mapping.
+
+MONAI >= 1.5 has no `img_size` argument; every spatial size must be a multiple of 32.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import torch
+
+import lsmfm._monai  # noqa: F401  (before any MONAI import: MONAI without transformers)
+from monai.networks.nets import SwinUNETR  # noqa: I001
+from lsmfm.errors import InputError
+from lsmfm.models.backbones.base import Backbone, norm_from_state
+from lsmfm.models.backbones.registry import BackboneConfig
+
+
+@dataclass
+class SwinUNETRConfig(BackboneConfig):
+    """MONAI SwinUNETR.
+
+    Args:
+        feature_size: 24, 36, 48, ... (a multiple of 12).
+        norm: "instance" (SwinUNETR's usual choice; it needs inputs of 64³ or more in training) or "batch".
+        use_checkpoint: gradient checkpointing.
+    """
+
+    arch: Literal["swinunetr"] = "swinunetr"
+    feature_size: int = 24
+    norm: str = "batch"
+    use_checkpoint: bool = False
+
+    def __post_init__(self) -> None:
+        if self.feature_size % 12:
+            raise ValueError(f"swinunetr feature_size must be a multiple of 12, got {self.feature_size}")
+        super().__post_init__()
+
+    @property
+    def size_multiple(self) -> int:
+        return 32
+
+    def build(self) -> SwinUNETRBackbone:
+        return SwinUNETRBackbone(self)
+
+    def card_line(self) -> str:
+        return (f"MONAI SwinUNETR, feature_size {self.feature_size}, {self.norm} norm, "
+                f"{self.out_channels} output channels")
+
+    @classmethod
+    def from_paper_state(cls, state: Mapping[str, torch.Tensor], path: str | Path,
+                         hp: Mapping[str, Any]) -> SwinUNETRConfig | None:
+        embed = state.get("swinViT.patch_embed.proj.weight")
+        if embed is None:
+            return None
+        out = state.get("out.conv.conv.weight")
+        if out is None:
+            raise InputError(path, "SwinUNETR weights without out.conv.conv.weight (output layer)")
+        norm = norm_from_state(state, "encoder1.layer.norm1", path)
+        return cls(in_channels=int(embed.shape[1]), out_channels=int(out.shape[0]),
+                   feature_size=int(embed.shape[0]), norm=norm)
+
+
+class SwinUNETRBackbone(Backbone, SwinUNETR):
+    """MONAI SwinUNETR whose output channels are the dense feature dimension."""
+
+    def __init__(self, config: SwinUNETRConfig) -> None:
+        SwinUNETR.__init__(self, in_channels=config.in_channels, out_channels=config.out_channels,
+                           feature_size=config.feature_size, use_checkpoint=config.use_checkpoint,
+                           norm_name=config.norm, spatial_dims=3)
+        self.config = config
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(x)
+        return SwinUNETR.forward(self, x)
