@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -43,3 +44,30 @@ def test_two_process_zero2_run_has_a_nonzero_clip_loss_with_one_patch_per_rank(t
         "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
     states = torch.load(tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
     assert states["samples"] == [4, 4] and len(states["rng"]) == 2
+
+
+def test_a_one_rank_run_binds_no_port(monkeypatch):
+    """Without a launcher the group uses an in-process store: runs started together cannot race for a
+    port (gloo used to fail with EADDRINUSE when another run took the port free_port had released)."""
+    import torch.distributed as dist
+
+    from lsmfm.training import distributed
+
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.setenv(key, "")  # recorded, so the variables init sets are undone after the test
+        monkeypatch.delenv(key)
+    env = distributed.init(torch.device("cpu"))
+    try:
+        t = torch.ones(3)
+        dist.all_reduce(t)
+        assert env.world_size == 1 and t.tolist() == [1.0, 1.0, 1.0]
+        assert "MASTER_PORT" not in os.environ
+    finally:
+        distributed.shutdown()
+
+
+def test_free_port_is_below_the_ephemeral_range():
+    from lsmfm.training.distributed import PORT_FLOOR, _ephemeral_low
+
+    ports = {free_port() for _ in range(20)}
+    assert all(PORT_FLOOR <= p < _ephemeral_low() for p in ports) and len(ports) > 1

@@ -1,19 +1,24 @@
 """Process-group setup shared by every launch: one CPU process with no launcher, torchrun, or srun.
 
-A plain `lsmfm pretrain` gets the env defaults of a one-rank group (loopback address, a free port,
-RANK=0, WORLD_SIZE=1, LOCAL_RANK=0), so the same DeepSpeed code path runs on a laptop and on 64 GPUs.
+A plain `lsmfm pretrain` gets the env defaults of a one-rank group (RANK=0, WORLD_SIZE=1, LOCAL_RANK=0,
+and an in-process store instead of a TCP port, so runs started together never race for one), so the
+same DeepSpeed code path runs on a laptop and on 64 GPUs.
 Under `srun` without torchrun, SLURM's task variables give the ranks. Gloo on CPU, NCCL on GPU.
 """
 from __future__ import annotations
 
 import os
+import random
 import socket
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+PORT_FLOOR = 20000  # free_port draws from [PORT_FLOOR, the ephemeral range)
 
 
 @dataclass(frozen=True)
@@ -30,10 +35,31 @@ class DistEnv:
 
 
 def free_port() -> int:
-    """An unused TCP port on the loopback interface."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """An unused loopback TCP port, drawn at random below the kernel's ephemeral range.
+
+    A port from `bind(0)` comes from the ephemeral range, which every other `bind(0)` and outgoing
+    connection on the machine draws from too, so once released it can be taken before the process
+    group binds it (EADDRINUSE when runs start together). A random port below that range is only taken
+    by another explicit choice.
+    """
+    low = _ephemeral_low()
+    rng = random.SystemRandom()
+    for _ in range(64):
+        port = rng.randrange(PORT_FLOOR, low) if low > PORT_FLOOR + 1 else 0
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return int(s.getsockname()[1])
+    raise RuntimeError("no free TCP port found on 127.0.0.1")
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default lower bound
 
 
 def ensure_env() -> DistEnv:
@@ -46,7 +72,7 @@ def ensure_env() -> DistEnv:
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    if "MASTER_PORT" not in os.environ:
+    if "MASTER_PORT" not in os.environ and os.environ["WORLD_SIZE"] != "1":
         os.environ["MASTER_PORT"] = str(free_port())
     return DistEnv(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]))
 
@@ -57,8 +83,11 @@ def init(device: torch.device) -> DistEnv:
     if device.type == "cuda":
         torch.cuda.set_device(env.local_rank)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=env.rank,
-                                world_size=env.world_size)
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if env.world_size == 1 and "MASTER_PORT" not in os.environ:  # one process: no port to collide on
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        else:
+            dist.init_process_group(backend, rank=env.rank, world_size=env.world_size)
     return env
 
 
