@@ -19,6 +19,7 @@ from lsmfm.baselines2d.models.efficell import EffiCellHead, tap_layers
 from lsmfm.baselines2d.registry import get_method
 from lsmfm.config import load_config, save_config
 from lsmfm.errors import InputError
+from lsmfm.io.atomic import share_per_umask
 
 
 def build_model(cfg: ModelConfig) -> Segmenter2D:
@@ -87,6 +88,7 @@ def save_adapted(model: nn.Module, cfg: Baseline2DConfig, folder: str | Path) ->
     folder.mkdir(parents=True, exist_ok=True)
     save_config(cfg, folder / "config.yaml")
     save_file(trainable_state(model), str(folder / "trainable.safetensors"))
+    share_per_umask(folder / "trainable.safetensors")
 
 
 def load_adapted(folder: str | Path) -> tuple[Segmenter2D, Baseline2DConfig]:

@@ -24,10 +24,17 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 
 def _umask() -> int:
-    """The process umask (mkstemp creates 0600 files; renamed files should get the usual mode)."""
+    """The process umask (mkstemp/mkdtemp create 0600 files and 0700 folders; what is renamed into
+    place should get the usual mode)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def share_per_umask(path: str | Path) -> None:
+    """Give a file the mode the umask allows (0644 under umask 022): for writers that create their
+    files 0600 (safetensors, mkstemp), so colleagues on a shared cluster can read what is shared."""
+    os.chmod(path, 0o666 & ~_umask())
 
 
 @contextlib.contextmanager
@@ -58,6 +65,7 @@ def atomic_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
         yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700: others could not read what we share
         replace_dir(tmp, target)
     finally:
         if tmp.exists():

@@ -22,7 +22,7 @@ import torch
 from lsmfm.config import from_dict, to_dict
 from lsmfm.data.normalize import NormalizeConfig
 from lsmfm.errors import ConfigError, InputError
-from lsmfm.io.atomic import atomic_dir
+from lsmfm.io.atomic import atomic_dir, share_per_umask
 from lsmfm.tasks.registry import TASKS
 from lsmfm.models.backbones.registry import BackboneConfig, default_backbone_config
 
@@ -113,6 +113,7 @@ def write_model_files(folder: str | Path, state_dict: Mapping[str, torch.Tensor]
     text = config.to_json()
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
     save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt", METADATA_KEY: text})
+    share_per_umask(folder / WEIGHTS_NAME)  # safetensors creates it 0600
     (folder / CONFIG_NAME).write_text(text)
     if model_card is None:
         from lsmfm.weights.card import render_model_card
