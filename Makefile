@@ -15,7 +15,7 @@ $(BIN)/lsmfm: pyproject.toml
 setup: $(BIN)/lsmfm
 
 demo: setup
-	HF_HUB_OFFLINE=1 $(BIN)/lsmfm demo --out $(DEMO)
+	HF_HUB_OFFLINE=1 $(BIN)/lsmfm demo --out $(DEMO) --overwrite
 
 test: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from lsmfm.cli.main import main
+from lsmfm.errors import InputError
 
 
 @pytest.mark.slow
@@ -30,12 +31,14 @@ def test_demo_replaces_its_own_earlier_output(tmp_path):
 
     _reset_demo_dir(tmp_path / "demo")
     (tmp_path / "demo" / "old_run.txt").write_text("stale")
-    _reset_demo_dir(tmp_path / "demo")
+    with pytest.raises(InputError, match="pass --overwrite"):
+        _reset_demo_dir(tmp_path / "demo")
+    _reset_demo_dir(tmp_path / "demo", overwrite=True)
     assert sorted(p.name for p in (tmp_path / "demo").iterdir()) == [MARKER]
 
 
 def test_demo_refuses_a_folder_it_did_not_make(tmp_path, capsys):
     (tmp_path / "precious.txt").write_text("keep me")
-    assert main(["demo", "--out", str(tmp_path)]) == 2
+    assert main(["demo", "--out", str(tmp_path), "--overwrite"]) == 1
     assert "was not made by `lsmfm demo`" in capsys.readouterr().err
     assert (tmp_path / "precious.txt").read_text() == "keep me"

@@ -102,7 +102,7 @@ def test_export_checks_inputs_before_reading_weights(tmp_path, capsys):
     run = tmp_path / "run"
     (run / "checkpoints" / TAG).mkdir(parents=True)
     (run / "config.yaml").write_text(yaml.safe_dump(run_config()))
-    assert main(["export", str(run), "--out", str(tmp_path / "o")]) == 2
+    assert main(["export", str(run), "--out", str(tmp_path / "o")]) == 1
     assert "no checkpoints/latest file" in capsys.readouterr().err
     with pytest.raises(InputError, match=f"{TAG}: not a DeepSpeed checkpoint .*tags here: {TAG}"):
         export_run(run, tmp_path / "o", tag=TAG)

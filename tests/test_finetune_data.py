@@ -108,7 +108,7 @@ def test_class_weights_are_inverse_frequencies() -> None:
 
 
 def _fails(argv: list[str], out: Path, capsys: pytest.CaptureFixture, message: str) -> None:
-    assert main(argv + ["--out", str(out)]) == 2
+    assert main(argv + ["--out", str(out)]) == 1
     err = capsys.readouterr().err
     assert message in err, err
     assert not out.exists()
@@ -149,6 +149,6 @@ def test_existing_run_folder_is_refused(tmp_path: Path, capsys: pytest.CaptureFi
     out = tmp_path / "run"
     out.mkdir()
     (out / "results.csv").write_text("old")
-    assert main(["finetune", "segment", "--out", str(out), "init=scratch"]) == 2
+    assert main(["finetune", "segment", "--out", str(out), "init=scratch"]) == 1
     assert "already exists and is not empty" in capsys.readouterr().err
     assert (out / "results.csv").read_text() == "old"

@@ -93,7 +93,7 @@ def test_cli_ingest_and_rerun_policy(tiff_pair, tmp_path, capsys):
     out = tmp_path / "cli.zarr"
     assert main(["ingest", str(src), "--out", str(out), "--label", f"bright={lab}", "--quiet"]) == 0
     assert "voxel (z, y, x) 4x1.8x1.8 µm" in capsys.readouterr().out
-    assert main(["ingest", str(src), "--out", str(out), "--quiet"]) == 2
+    assert main(["ingest", str(src), "--out", str(out), "--quiet"]) == 1
     assert "already a complete OME-Zarr image" in capsys.readouterr().err
     assert main(["ingest", str(src), "--out", str(out), "--quiet", "--overwrite"]) == 0
     assert "labels" not in zarr.open_group(str(out), mode="r"), "overwrite replaces the whole store"

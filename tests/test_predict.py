@@ -227,7 +227,7 @@ def test_cli(tmp_path, seg_model, capsys):
     assert main(args) == 0
     assert "segment: 40x36x44 voxels in 8 blocks" in capsys.readouterr().out
     assert (tmp_path / "p.zarr/labels/mask/0").is_dir() and (tmp_path / "s.json").is_file()
-    assert main(args) == 2  # --out exists: a one-line error, no traceback
+    assert main(args) == 1  # --out exists: a one-line error, no traceback
     assert "already exists" in capsys.readouterr().err
 
 

@@ -224,7 +224,7 @@ def test_report_and_cli(stores, capsys, tmp_path):
     text = capsys.readouterr().out
     assert "patches/s" in text and "mean intensity" in text
     assert json.loads(out.read_text())["patches"] == 4
-    assert main(["stream", "--catalog", str(stores["catalog"]), "--patch", "64", "--workers", "0"]) == 2
+    assert main(["stream", "--catalog", str(stores["catalog"]), "--patch", "64", "--workers", "0"]) == 1
 
 
 @pytest.mark.shared

@@ -16,7 +16,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from lsmfm.baselines2d.build import build_model, count_parameters, prepare, save_adapted, trainable_state
 from lsmfm.baselines2d.config import Baseline2DConfig, Train2DConfig
@@ -27,6 +26,7 @@ from lsmfm.config import save_config
 from lsmfm.device import resolve_device
 from lsmfm.errors import InputError
 from lsmfm.io.atomic import atomic_dir
+from lsmfm.progress import progress_bar
 from lsmfm.tasks.results import fewshot_subset, format_table, plot_metrics, write_results
 
 Slice = tuple[np.ndarray, np.ndarray]
@@ -117,7 +117,7 @@ def train_run(
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     rng = np.random.default_rng(seed)
     best, best_state, bad, times, step = -1.0, None, 0, [], 0
-    bar = tqdm(range(cfg.max_steps), desc="train", leave=False, disable=not progress)
+    bar = progress_bar(range(cfg.max_steps), desc="train", leave=False, enabled=progress)
     for step in bar:
         model.train()
         t0 = time.perf_counter()
@@ -165,7 +165,8 @@ def run_baseline(
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         save_config(cfg, tmp / "config.yaml")
         runs = [(s, seed) for s in cfg.shots for seed in cfg.seeds]
-        for shots, seed in tqdm(runs, desc=f"{cfg.model.name}+{cfg.peft.method}", disable=not progress):
+        for shots, seed in progress_bar(runs, desc=f"{cfg.model.name}+{cfg.peft.method}", unit="run",
+                                        enabled=progress):
             subset = [pool[i] for i in fewshot_subset(len(pool), shots, seed, source)]
             torch.manual_seed(seed)
             memory.reset()

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 
+from lsmfm.cli.common import add_overwrite, check_output
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="analysis", metavar="ANALYSIS", required=True)
@@ -31,6 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--out", default="runs/domains", help="output folder (default runs/domains)")
+    add_overwrite(p, "a non-empty --out")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -42,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(None, "--data needs at least two datasets")
     if args.tile < 8 or args.max_samples < 2:
         raise InputError(None, "--tile must be >= 8 and --max-samples >= 2")
+    check_output(args.out, overwrite=args.overwrite, kind="folder")
     embedders = make_embedders(args.encoder, args.size, args.adapted, resolve_device(args.device))
     report = analyze(
         embedders, args.data, args.out, tile=args.tile, max_samples=args.max_samples, seed=args.seed

@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from lsmfm.cli.common import add_overwrite, add_quiet, check_output
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML config (see finetune/baseline2d_*.yaml)")
@@ -18,14 +20,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "overrides", nargs="*", help="dotted key=value overrides, e.g. peft.rank=16 shots=[1,2]"
     )
     parser.add_argument("--out", help="run folder to create (config.yaml, results.csv, metrics.json, plots)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    add_overwrite(parser, "an existing run folder (or --compare CSV)")
     parser.add_argument("--list", action="store_true", help="list the PEFT methods, models and decoders")
     parser.add_argument(
         "--dry-run",
         action="store_true",
         help="build the model and print one JSON line with trainable_params and total_params",
     )
-    parser.add_argument("--quiet", action="store_true", help="no progress bars or table")
+    add_quiet(parser)
     parser.add_argument("--compare", nargs="+", metavar="RUN_DIR",
                         help="one Markdown table across finished runs (with --out: also written as CSV)")
 
@@ -39,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
     if args.compare:
         from lsmfm.baselines2d.compare import compare_runs, to_markdown, write_csv
 
+        check_output(args.out, overwrite=args.overwrite, kind="file")
         table = compare_runs(args.compare)
         print(to_markdown(table))
         if args.out:
@@ -60,6 +63,8 @@ def run(args: argparse.Namespace) -> int:
     if not args.out:
         raise ConfigError("--out RUN_DIR is required (or use --dry-run / --list)")
     from lsmfm.baselines2d.train import run_baseline
+
+    check_output(args.out, overwrite=args.overwrite, kind="folder")
 
     run_baseline(cfg, args.out, overwrite=args.overwrite, progress=not args.quiet)
     print(f"results written to {args.out}")

@@ -5,6 +5,8 @@ import argparse
 from pathlib import Path
 from typing import Any, Sequence
 
+from lsmfm.cli.common import add_overwrite, add_quiet, check_output
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
@@ -12,8 +14,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("catalog", type=Path)
     p = sub.add_parser("ingest", help="ingest the missing stores of a catalog from their sources")
     p.add_argument("catalog", type=Path)
-    p.add_argument("--overwrite", action="store_true", help="re-ingest stores that already exist")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_overwrite(p, "stores that already exist (re-ingest them)")
+    add_quiet(p)
     p = sub.add_parser("import-paper", help="catalog the LSM foundation model paper's patches + prompts")
     p.add_argument("root", type=Path, help="folder of <volume>/input/*.nii.gz")
     p.add_argument("--prompts", type=Path, required=True, help="JSON: volume folder name -> text prompt")
@@ -22,7 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--no-ingest", action="store_true", help="only write the catalog (ingest later)")
     p.add_argument("--licence", default="MIT")
     p.add_argument("--citation", default=None, help="default: the paper")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_overwrite(p, "an existing --out catalog")
+    add_quiet(p)
 
 
 def format_rows(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
@@ -62,6 +65,8 @@ def _import(args: argparse.Namespace) -> int:
     from lsmfm.data.catalog.entries import load_catalog
     from lsmfm.data.catalog.paper import PAPER_CITATION, import_paper
 
+    check_output(args.out, overwrite=args.overwrite, kind="file")
+    check_output(args.stores, overwrite=True, kind="folder")
     out = import_paper(args.root, args.prompts, args.stores, args.out, ingest=not args.no_ingest,
                        licence=args.licence, citation=args.citation or PAPER_CITATION,
                        progress=not args.quiet)

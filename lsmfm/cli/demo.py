@@ -11,7 +11,8 @@ import shutil
 import time
 from pathlib import Path
 
-from lsmfm.errors import LsmfmError
+from lsmfm.cli.common import add_overwrite, add_quiet
+from lsmfm.errors import InputError, LsmfmError
 
 REPO = Path(__file__).resolve().parents[2]
 MARKER = ".lsmfm-demo"
@@ -21,11 +22,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder (default runs/demo)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--pretrain-steps", type=int, default=None, help="override the tiny recipe's steps")
+    add_overwrite(parser, "the output of an earlier `lsmfm demo` in --out")
+    add_quiet(parser)
 
 
-def _stage(title: str, argv: list[str]) -> None:
+def _stage(title: str, argv: list[str], quiet: bool = False) -> None:
     from lsmfm.cli.main import main
 
+    if quiet:
+        argv = [*argv[:2], "--quiet", *argv[2:]] if argv[0] == "catalog" else [argv[0], "--quiet", *argv[1:]]
     print(f"\n=== {title}\n$ lsmfm {' '.join(argv)}", flush=True)
     start = time.perf_counter()
     rc = main(argv)
@@ -38,38 +43,46 @@ def run(args: argparse.Namespace) -> int:
     from lsmfm.data.synthetic.write import write_demo_catalog
 
     out: Path = args.out
-    _reset_demo_dir(out)
+    _reset_demo_dir(out, args.overwrite)
+    quiet = args.quiet
     synth, stores = out / "synth", out / "stores"
-    _stage("1/7 generate synthetic light-sheet volumes", ["synth", "--out", str(synth), "--seed", str(args.seed)])
+    _stage("1/7 generate synthetic light-sheet volumes",
+           ["synth", "--out", str(synth), "--seed", str(args.seed)], quiet)
     catalog = write_demo_catalog(out / "catalog.yaml", synth, stores)
-    _stage("2/7 ingest into OME-Zarr (catalog)", ["catalog", "ingest", str(catalog)])
+    _stage("2/7 ingest into OME-Zarr (catalog)", ["catalog", "ingest", str(catalog)], quiet)
     _stage("3/7 stream patches", ["stream", "--catalog", str(catalog), "--patch", "32", "--batch", "4",
-                                  "--n", "25", "--seed", str(args.seed)])
+                                  "--n", "25", "--seed", str(args.seed)], quiet)
     pretrain = ["pretrain", "--config", str(REPO / "pretrain" / "tiny.yaml"), "--out", str(out / "pretrain"),
                 f"data.catalogs=[{catalog}]"]
     if args.pretrain_steps is not None:
         pretrain.append(f"train.max_steps={args.pretrain_steps}")
-    _stage("4/7 pretrain (student-teacher, masked reconstruction + distillation + CLIP)", pretrain)
+    _stage("4/7 pretrain (student-teacher, masked reconstruction + distillation + CLIP)", pretrain, quiet)
     _stage("5/7 export the teacher backbone", ["export", str(out / "pretrain"), "--out", str(out / "weights")])
     ft = synth / "finetune"
     _stage("6/7 few-shot segmentation: pretrained vs scratch",
            ["finetune", "segment", "--config", str(REPO / "finetune" / "demo_segment.yaml"),
             "--out", str(out / "finetune_segment"), f"pretrained={out / 'weights'}",
-            f"data.train_dir={ft / 'train'}", f"data.val_dir={ft / 'val'}", f"data.test_dir={ft / 'test'}"])
+            f"data.train_dir={ft / 'train'}", f"data.val_dir={ft / 'val'}", f"data.test_dir={ft / 'test'}"],
+           quiet)
     model = _largest_shot_model(out / "finetune_segment" / "pretrained")
     _stage("7/7 whole-volume prediction (sliding window, out of core)",
            ["predict", "--model", str(model), "--input", str(stores / "synth_01_vessels.zarr"),
-            "--out", str(out / "prediction.zarr"), "--block", "64", "--overwrite"])
+            "--out", str(out / "prediction.zarr"), "--block", "64"], quiet)
     print(f"\nDemo finished. Outputs under {out}/ (plots: {out / 'finetune_segment'}/*_vs_shots.png, "
           f"prediction: {out / 'prediction.zarr'})")
     return 0
 
 
-def _reset_demo_dir(out: Path) -> None:
-    """Start from an empty folder; only a folder an earlier demo made (it holds MARKER) is ever removed."""
+def _reset_demo_dir(out: Path, overwrite: bool = False) -> None:
+    """Start from an empty folder; only a folder an earlier demo made (it holds MARKER) is ever removed,
+    and only with `overwrite`."""
+    if out.exists() and not out.is_dir():
+        raise InputError(out, "is an existing file, not a folder; choose another --out")
     if out.exists() and any(out.iterdir()):
         if not (out / MARKER).exists():
-            raise LsmfmError(f"{out}: folder exists and was not made by `lsmfm demo`; choose another --out")
+            raise InputError(out, "folder exists and was not made by `lsmfm demo`; choose another --out")
+        if not overwrite:
+            raise InputError(out, "holds an earlier demo's output; pass --overwrite to replace it")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / MARKER).write_text("made by `lsmfm demo`; the next demo run replaces this folder\n")

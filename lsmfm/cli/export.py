@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from lsmfm.cli.common import add_overwrite, check_output
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", type=Path, metavar="RUN_DIR",
@@ -18,12 +20,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "downstream)")
     parser.add_argument("--tag", default=None,
                         help="checkpoint tag (default: the one named by checkpoints/latest)")
-    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    add_overwrite(parser, "--out")
 
 
 def run(args: argparse.Namespace) -> int:
     from lsmfm.weights.export import export_run
 
+    check_output(args.out, overwrite=args.overwrite, kind="folder")
     out = export_run(args.run_dir, args.out, which=args.which, tag=args.tag, overwrite=args.overwrite)
     print(f"exported the {args.which} backbone of {args.run_dir} to {out}")
     return 0

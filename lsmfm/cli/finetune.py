@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from lsmfm.cli.common import add_overwrite, add_quiet, check_writable
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from lsmfm.tasks.registry import TASKS, task_class
@@ -20,6 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         p.add_argument("--config", type=Path, default=None, help=f"config YAML (e.g. finetune/{name}.yaml)")
         p.add_argument("--out", type=Path, required=True,
                        help="run folder (must not exist or be empty): results.csv, metrics.json, plots, tb/")
+        add_overwrite(p, "an earlier finetune run in --out")
+        add_quiet(p)
         p.add_argument("overrides", nargs="*", metavar="key=value",
                        help="dotted config overrides, e.g. shots=[1,2] train.max_steps=50 init=scratch")
 
@@ -30,10 +34,11 @@ def run(args: argparse.Namespace) -> int:
     from lsmfm.tasks.fewshot import check_run_dir, plan_fewshot, run_fewshot
     from lsmfm.tasks.results import format_table
 
+    check_run_dir(args.out, args.overwrite)
+    check_writable(args.out if args.out.is_dir() else args.out.parent)
     cfg = load_config(finetune_config_class(args.task), args.config, args.overrides)
-    check_run_dir(args.out)
     plan = plan_fewshot(args.task, cfg)
-    rows = run_fewshot(plan, args.out)
+    rows = run_fewshot(plan, args.out, progress=not args.quiet, overwrite=args.overwrite)
     print(f"\n{args.task}: test-set metrics, mean ± std over seeds ({args.out}/results.csv)")
     print(format_table(rows, plan.task.metrics))
     print(f"plots: {', '.join(str(args.out / f'{m}_vs_shots.png') for m in plan.task.metrics)}")

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from lsmfm.cli.common import add_overwrite, add_quiet, check_output
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("sources", nargs="+", type=Path, metavar="SRC",
@@ -14,8 +16,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chunk", type=int, default=64, help="chunk side in voxels (default 64)")
     parser.add_argument("--levels", type=int, default=None,
                         help="pyramid levels (default: >= 2, until a level fits in one chunk)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing store")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_overwrite(parser, "an existing store")
+    add_quiet(parser)
 
 
 def parse_labels(items: list[str]) -> dict[str, Path]:
@@ -35,6 +37,7 @@ def run(args: argparse.Namespace) -> int:
     from lsmfm.data.ingest.convert import ingest
     from lsmfm.io.omezarr import open_image
 
+    check_output(args.out, overwrite=None, kind="store")  # ingest decides about existing stores
     out = ingest(args.sources, args.out, labels=parse_labels(args.label), chunk=args.chunk,
                  levels=args.levels, overwrite=args.overwrite, progress=not args.quiet)
     group, ms = open_image(out)

@@ -1,8 +1,8 @@
-"""Entry point of the `lsmfm` command.
+"""lsmfm: 3D foundation models for light-sheet fluorescence microscopy, from raw volumes to answers.
 
-Subcommands are listed explicitly in COMMANDS and imported only when used, so `lsmfm --help` stays
-fast and a subcommand's heavy dependencies (DeepSpeed, transformers) load only for that subcommand.
-Each module defines `add_arguments(parser)` and `run(args) -> int`.
+Entry point of the `lsmfm` command. Subcommands are listed explicitly in COMMANDS and imported only
+when used, so `lsmfm --help` stays fast and a subcommand's heavy dependencies (DeepSpeed,
+transformers) load only for that subcommand. Each module defines `add_arguments(parser)` and `run(args) -> int`.
 """
 from __future__ import annotations
 
@@ -11,7 +11,21 @@ import importlib
 import sys
 from typing import Sequence
 
-from lsmfm.errors import LsmfmError
+from lsmfm.cli.common import run_command
+
+DESCRIPTION = """\
+lsmfm turns terabyte light-sheet microscopy volumes and a handful of annotations into models: ingest
+volumes into OME-Zarr, pretrain a 3D foundation model on unlabelled data (student-teacher, masked
+reconstruction, optional image-text alignment), finetune it few-shot for segmentation, classification
+or deblurring (always against the same network from scratch), compare with 2D foundation-model
+baselines, predict whole volumes, and export models for Fiji/deepImageJ, napari and bioimage.io."""
+
+EPILOG = """\
+typical workflow: lsmfm ingest -> lsmfm pretrain -> lsmfm export -> lsmfm finetune -> lsmfm predict
+                  (or: lsmfm demo, all of it on synthetic data on one CPU)
+`lsmfm COMMAND --help` describes each command. Exit status: 0 done; 1 an error in the input, a
+config or the environment (one line naming the file and the problem), or a bug (with a traceback);
+2 a usage error (unknown option, missing argument); 130 interrupted."""
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("lsmfm.cli.synth", "generate synthetic light-sheet-like volumes with ground truth"),
@@ -28,8 +42,20 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+class _Version(argparse.Action):
+    """`--version`: the version and git commit, looked up only when asked (git runs a subprocess)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: object) -> None:
+        from lsmfm.provenance import version_line
+
+        print(version_line())
+        parser.exit()
+
+
 def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lsmfm", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="lsmfm", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action=_Version, nargs=0, help="print the version and git commit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     wanted = next((a for a in argv if not a.startswith("-")), None)
     for name, (module, help_text) in COMMANDS.items():
@@ -58,14 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     module = importlib.import_module(COMMANDS[args.command][0])
-    try:
-        return int(module.run(args) or 0)
-    except LsmfmError as exc:
-        print(f"lsmfm {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"lsmfm {args.command}: interrupted", file=sys.stderr)
-        return 130
+    return run_command(args.command, module.run, args)
 
 
 if __name__ == "__main__":

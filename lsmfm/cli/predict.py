@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
+
+from lsmfm.cli.common import add_overwrite, add_quiet, check_output
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,15 +27,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threshold", type=float, default=None,
                         help="segmentation mask threshold (default: the model's recorded one)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out when done")
-    parser.add_argument("--json", default=None, help="also write the run summary to this JSON file")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--json", type=Path, default=None,
+                        help="also write the run summary to this JSON file")
+    add_overwrite(parser, "an existing --out (and --json) when done")
+    add_quiet(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     from lsmfm.io.atomic import atomic_write_text
     from lsmfm.tasks.predict import PredictOptions, predict_volume
 
+    check_output(args.out, overwrite=args.overwrite, kind="store")
+    check_output(args.json, overwrite=args.overwrite, kind="file")
     opts = PredictOptions(block=args.block, overlap=args.overlap, batch_size=args.batch,
                           threshold=args.threshold, device=args.device)
     summary = predict_volume(args.model, args.input, args.out, opts, overwrite=args.overwrite,

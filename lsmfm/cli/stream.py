@@ -5,6 +5,8 @@ import argparse
 import json
 from pathlib import Path
 
+from lsmfm.cli.common import add_overwrite, add_quiet, check_output
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--catalog", action="append", required=True, type=Path, metavar="FILE",
@@ -16,6 +18,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n", type=int, default=50, help="batches to stream (default 50)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None, help="also write the report as JSON here")
+    add_overwrite(parser, "an existing --json file")
+    add_quiet(parser)
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="config overrides, e.g. augment.enabled=false")
 
@@ -35,8 +39,9 @@ def run(args: argparse.Namespace) -> int:
     if min(args.batch, args.n) < 1 or args.workers < 0:
         raise InputError(None, f"--batch and --n must be >= 1 and --workers >= 0, got {args.batch}, "
                                f"{args.n}, {args.workers}")
+    check_output(args.json, overwrite=args.overwrite, kind="file")
     report = stream_report(cfg, n_batches=args.n, batch_size=args.batch, num_workers=args.workers,
-                           seed=args.seed)
+                           seed=args.seed, progress=not args.quiet)
     print(format_stream_report(report))
     if args.json is not None:
         atomic_write_text(args.json, json.dumps(report, indent=2))

@@ -41,6 +41,8 @@ from lsmfm.tasks.config import FinetuneConfig
 from lsmfm.tasks.data import Patch, check_channels, check_fits
 from lsmfm.tasks.registry import task_class
 
+RUN_MARKERS = ("config.yaml", "results.csv")  # what every finetune run folder holds after its first run
+
 
 def build_task(task: str, cfg: FinetuneConfig) -> FinetuneTask:
     """The task object for `task` (a registered name), configured by its section of `cfg`."""
@@ -127,20 +129,33 @@ def _model_config(recorded: Any, backbone_cfg: BackboneConfig, roi: tuple[int, i
                        normalize=normalize)
 
 
-def check_run_dir(out_dir: Path) -> None:
-    """RUN_DIR must be new (or empty): results of two protocols never mix."""
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise InputError(out_dir, "run folder already exists and is not empty; choose a new --out")
+def check_run_dir(out_dir: Path, overwrite: bool = False) -> None:
+    """RUN_DIR must be new (or empty): results of two protocols never mix. With `overwrite`, an earlier
+    finetune run folder (config.yaml + results.csv) may be replaced, never any other folder."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(out_dir, "is an existing file, not a run folder; choose a new --out")
+    if not out_dir.is_dir() or not any(out_dir.iterdir()):
+        return
+    if not overwrite:
+        raise InputError(out_dir, "run folder already exists and is not empty; choose a new --out or pass "
+                                  "--overwrite")
+    if not all((out_dir / name).is_file() for name in RUN_MARKERS):
+        raise InputError(out_dir, f"is not an lsmfm finetune run folder (no {' and '.join(RUN_MARKERS)}); "
+                                  "--overwrite replaces only those")
 
 
-def run_fewshot(plan: Plan, out_dir: str | Path) -> list[dict[str, Any]]:
-    """Train and score every (shots, seed, init) of `plan`; returns the results.csv rows."""
-    from tqdm.auto import tqdm
-
+def run_fewshot(plan: Plan, out_dir: str | Path, progress: bool = True, overwrite: bool = False
+                ) -> list[dict[str, Any]]:
+    """Train and score every (shots, seed, init) of `plan`; returns the results.csv rows. `overwrite`
+    first removes an earlier finetune run in `out_dir` (see `check_run_dir`)."""
+    from lsmfm.progress import progress_bar
     from lsmfm.tasks.results import plot_metrics
 
     out_dir = Path(out_dir)
-    check_run_dir(out_dir)
+    check_run_dir(out_dir, overwrite)
+    if overwrite and out_dir.is_dir():
+        shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_config(plan.cfg, out_dir / "config.yaml")
     examples = {name: [plan.task.prepare(p, plan.normalize) for p in patches]
@@ -148,11 +163,12 @@ def run_fewshot(plan: Plan, out_dir: str | Path) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     per_image: list[dict[str, Any]] = []
     kept: dict[tuple[int, str], dict[str, Any]] = {}
-    runs = tqdm(plan.runs, desc=f"finetune {plan.task.name}", unit="run", dynamic_ncols=True)
+    runs = progress_bar(plan.runs, desc=f"finetune {plan.task.name}", unit="run", enabled=progress)
     for shots, seed, init in runs:
         name = f"{init}_shots{shots}_seed{seed}"
         train = [examples["train"][i] for i in plan.subsets[(shots, seed)]]
-        model, result = _train_one(plan, init, seed, train, examples["val"], out_dir / "tb" / name, name)
+        model, result = _train_one(plan, init, seed, train, examples["val"], out_dir / "tb" / name, name,
+                                   progress)
         scores = plan.task.score(model, examples["test"], plan.geometry.window, plan.geometry.overlap)
         row = {"shots": shots, "seed": seed, "init": init, **scores.metrics,
                f"val_{plan.task.val_metric}": result.val_score, "best_step": result.best_step,
@@ -166,7 +182,7 @@ def run_fewshot(plan: Plan, out_dir: str | Path) -> list[dict[str, Any]]:
 
 
 def _train_one(plan: Plan, init: str, seed: int, train: list[Example], val: list[Example], log_dir: Path,
-               desc: str):
+               desc: str, progress: bool = True):
     from lsmfm.tasks.models import build_task_model
     from lsmfm.tasks.train import train_run
 
@@ -179,7 +195,7 @@ def _train_one(plan: Plan, init: str, seed: int, train: list[Example], val: list
     model = build_task_model(plan.task.name, backbone, plan.task.head_config()).to(plan.device)
     plan.task.begin_run(train)
     result = train_run(model, plan.task, train, val, plan.cfg.train, plan.geometry, seed, log_dir=log_dir,
-                       desc=desc)
+                       desc=desc, progress=progress)
     return model, result
 
 

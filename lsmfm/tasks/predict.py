@@ -253,7 +253,7 @@ def write_prediction(path: Path, model: Any, config: Any, volume: Volume, bounds
                      opts: PredictOptions, threshold: float | None, progress: bool) -> dict[str, int]:
     """Predict block by block into a new store at `path`; returns the number of blocks, of windows run,
     and of windows one in-memory pass over the whole volume would run."""
-    from tqdm.auto import tqdm
+    from lsmfm.progress import progress_bar
 
     roi = tuple(int(v) for v in config.patch_size)
     data = volume.czyx
@@ -261,7 +261,7 @@ def write_prediction(path: Path, model: Any, config: Any, volume: Volume, bounds
     blocks = plan_blocks(volume.spatial_shape, roi, opts.overlap, opts.block)  # type: ignore[arg-type]
     image, mask = create_store(path, 1 if segment else data.shape[0], volume.spatial_shape, segment,
                                output_chunk(blocks))
-    for blk in tqdm(blocks, desc="predict", unit="block", disable=not progress, dynamic_ncols=True):
+    for blk in progress_bar(blocks, desc="predict", unit="block", enabled=progress):
         core = predict_core(model, data, blk, config.normalize, bounds, roi, opts)  # type: ignore[arg-type]
         where = (slice(None),) + blk.core
         if segment:

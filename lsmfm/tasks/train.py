@@ -72,9 +72,9 @@ class BestWeights:
 
 def train_run(model: nn.Module, task: FinetuneTask, train: list[Example], val: list[Example],
               cfg: TrainConfig, geometry: Geometry, seed: int, log_dir: Path | None = None,
-              desc: str = "finetune") -> TrainResult:
+              desc: str = "finetune", progress: bool = True) -> TrainResult:
     """Train `model` in place on crops of `train`; keep the weights with the best score on `val`."""
-    from tqdm.auto import tqdm
+    from lsmfm.progress import progress_bar
 
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
@@ -82,7 +82,7 @@ def train_run(model: nn.Module, task: FinetuneTask, train: list[Example], val: l
     optimizer = make_optimizer(model, cfg)
     best = BestWeights(cfg.patience, cfg.head_steps if cfg.mode == "staged" else 0)
     writer = _writer(log_dir)
-    bar = tqdm(total=cfg.max_steps, desc=desc, unit="step", leave=False, dynamic_ncols=True)
+    bar = progress_bar(total=cfg.max_steps, desc=desc, unit="step", leave=False, enabled=progress)
     stopped, step = False, 0
     for step in range(1, cfg.max_steps + 1):
         frozen = encoder_frozen(cfg, step - 1)

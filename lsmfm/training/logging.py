@@ -21,7 +21,8 @@ from lsmfm.io.atomic import atomic_write_text
 class RunLogger:
     """Rank-0 reporting for one run; on other ranks every method is a no-op."""
 
-    def __init__(self, run_dir: str | Path, enabled: bool, start_step: int, max_steps: int) -> None:
+    def __init__(self, run_dir: str | Path, enabled: bool, start_step: int, max_steps: int,
+                 progress: bool = True) -> None:
         self.enabled = enabled
         self.run_dir = Path(run_dir)
         self.writer: Any = None
@@ -29,13 +30,15 @@ class RunLogger:
         if not enabled:
             return
         from torch.utils.tensorboard import SummaryWriter
-        from tqdm.auto import tqdm
+
+        from lsmfm.progress import progress_bar
 
         self.losses_path = self.run_dir / "losses.jsonl"
         truncate_jsonl(self.losses_path, start_step)
         purge = start_step + 1 if start_step else None
         self.writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=purge)
-        self.bar = tqdm(total=max_steps, initial=start_step, desc="pretrain", unit="step", dynamic_ncols=True)
+        self.bar = progress_bar(total=max_steps, initial=start_step, desc="pretrain", unit="step",
+                                enabled=progress)
 
     def step(self, step: int, loss: float, terms: Mapping[str, float]) -> None:
         """Record one optimizer step's losses in losses.jsonl and on the progress bar."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import random
+import shutil
 import signal
 import time
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ from lsmfm.config import load_config, read_yaml, save_config, to_dict
 from lsmfm.data.stream.config import StreamConfig
 from lsmfm.data.stream.dataset import make_loader
 from lsmfm.device import resolve_device
-from lsmfm.errors import ConfigError
+from lsmfm.errors import ConfigError, InputError
 from lsmfm.io.atomic import atomic_write_text
 from lsmfm.models.ssl import SSLConfig
 from lsmfm.training import checkpoint, distributed
@@ -115,16 +116,21 @@ def resolve_config(config: str | Path | None, overrides: Sequence[str], out_dir:
     return load_config(PretrainConfig, config, overrides)
 
 
-def pretrain(cfg: PretrainConfig, out_dir: str | Path, resume: bool = False) -> dict[str, Any]:
-    """Train, checkpoint and report; returns the final metrics (also written to RUN_DIR/metrics.json)."""
+def pretrain(cfg: PretrainConfig, out_dir: str | Path, resume: bool = False, overwrite: bool = False,
+             progress: bool = True) -> dict[str, Any]:
+    """Train, checkpoint and report; returns the final metrics (also written to RUN_DIR/metrics.json).
+    `overwrite` replaces an earlier pretraining run in `out_dir` once the inputs are checked."""
     out = Path(out_dir)
-    _check_run_dir(cfg, out, resume)
+    if not overwrite:
+        _check_run_dir(cfg, out, resume)
     _check_catalogs(cfg.data)
+    if overwrite and distributed.ensure_env().is_main:
+        clear_run_dir(out)
     device = resolve_device(cfg.train.device, distributed.ensure_env().local_rank)
     env = distributed.init(device)
     try:
         with _torch_settings(cfg.train):
-            return Trainer(cfg, out, env, device, resume).run()
+            return Trainer(cfg, out, env, device, resume, progress).run()
     finally:
         distributed.shutdown()
 
@@ -133,8 +139,8 @@ def _check_run_dir(cfg: PretrainConfig, out: Path, resume: bool) -> None:
     """Refuse, before any work, to overwrite a run's checkpoints or to resume with another model."""
     has_ckpt = checkpoint.latest_tag(out) is not None
     if has_ckpt and not resume:
-        raise ConfigError(f"{out}: already holds checkpoints; pass --resume to continue it, or choose "
-                          "a new --out")
+        raise ConfigError(f"{out}: already holds checkpoints; pass --resume to continue it, --overwrite to "
+                          "start over, or choose a new --out")
     saved = out / "config.yaml"
     if has_ckpt and saved.is_file():
         before = read_yaml(saved)
@@ -143,6 +149,18 @@ def _check_run_dir(cfg: PretrainConfig, out: Path, resume: bool) -> None:
         if changed:
             raise ConfigError(f"{saved}: resuming with a different {' and '.join(changed)} section than the "
                               "checkpointed run; only train.* settings may change on resume")
+
+
+def clear_run_dir(out: Path) -> None:
+    """Remove an earlier pretraining run folder (it holds config.yaml and checkpoints/ or losses.jsonl);
+    any other non-empty folder is refused, never deleted."""
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    ours = (out / "checkpoints").is_dir() or (out / "losses.jsonl").is_file()
+    if not ((out / "config.yaml").is_file() and ours):
+        raise InputError(out, "is not an lsmfm pretraining run folder (no config.yaml with checkpoints/ or "
+                              "losses.jsonl); --overwrite replaces only those")
+    shutil.rmtree(out)
 
 
 def _check_catalogs(data: StreamConfig) -> None:
@@ -211,7 +229,7 @@ class Trainer:
     """Builds model, engine, data stream and logger for one run, then runs the optimizer steps."""
 
     def __init__(self, cfg: PretrainConfig, out: Path, env: distributed.DistEnv, device: torch.device,
-                 resume: bool) -> None:
+                 resume: bool, progress: bool = True) -> None:
         from lsmfm.models.ssl import SSLModel
 
         t = cfg.train
@@ -228,7 +246,7 @@ class Trainer:
             save_config(cfg, out / "config.yaml")
         from lsmfm.training.logging import RunLogger
 
-        self.log = RunLogger(out, env.is_main, self.step, t.max_steps)
+        self.log = RunLogger(out, env.is_main, self.step, t.max_steps, progress)
         self.stop = StopRequest()
         self.last: dict[str, Any] = {}
 

@@ -14,12 +14,10 @@ import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
-
 from typing import Any
 
-from tqdm import tqdm
-
 from lsmfm.errors import InputError
+from lsmfm.progress import progress_bar
 from lsmfm.weights.registry import Release
 
 log = logging.getLogger(__name__)
@@ -117,8 +115,8 @@ def _stream(url: str, fd: int, size: int | None, label: str, progress: bool) -> 
     try:
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as resp:
             total = int(resp.headers.get("Content-Length") or 0) or size
-            with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {label}",
-                      disable=not progress) as bar:
+            with progress_bar(total=total, unit="B", unit_scale=True, desc=f"download {label}",
+                              enabled=progress) as bar:
                 for block in iter(lambda: resp.read(CHUNK), b""):
                     out.write(block)
                     h.update(block)

@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
 
 from lsmfm.data.catalog.entries import CatalogEntry, collection_sources, load_catalog, volume_stem
 from lsmfm.data.ingest.convert import ingest
@@ -60,7 +59,9 @@ def plan_entry(entry: CatalogEntry, overwrite: bool = False) -> tuple[list[Job],
 
 def _run(entry: CatalogEntry, jobs: list[Job], progress: bool) -> int:
     single = len(jobs) == 1 and not entry.is_collection
-    for job in tqdm(jobs, desc=f"ingest {entry.id}", unit="image", disable=not progress or single):
+    from lsmfm.progress import progress_bar
+
+    for job in progress_bar(jobs, desc=f"ingest {entry.id}", unit="image", enabled=progress and not single):
         ingest(job.sources, job.out, labels=job.labels, overwrite=True, progress=progress and single)
     return len(jobs)
 

@@ -13,18 +13,19 @@ import dask
 import dask.array as da
 import numpy as np
 from dask.callbacks import Callback
-from tqdm.auto import tqdm
 
 from lsmfm.io import omezarr
 
 
-def progress_bar(desc: str, enabled: bool = True) -> tqdm:
+def progress_bar(desc: str, enabled: bool = True) -> Any:
     """One bar for a whole multi-step job; each `compute` adds its Dask tasks to the total."""
-    return tqdm(desc=desc, unit="task", total=0, disable=not enabled)
+    from lsmfm.progress import progress_bar as bar
+
+    return bar(desc=desc, unit="task", total=0, enabled=enabled)
 
 
 class _TaskProgress(Callback):
-    def __init__(self, bar: tqdm | None, step: str) -> None:
+    def __init__(self, bar: Any, step: str) -> None:
         super().__init__()
         self.bar, self.step = bar, step
 
@@ -38,7 +39,7 @@ class _TaskProgress(Callback):
             self.bar.update(1)
 
 
-def compute(*graphs: Any, bar: tqdm | None = None, step: str = "") -> tuple:
+def compute(*graphs: Any, bar: Any = None, step: str = "") -> tuple:
     """`dask.compute` on threads (zarr codecs release the GIL), counting its tasks on `bar`."""
     with _TaskProgress(bar, step):
         return dask.compute(*graphs, scheduler="threads")
@@ -51,7 +52,7 @@ def store_graph(group: Any, path: str, data: da.Array, chunk: int) -> tuple[da.A
     return aligned, da.store(aligned, arr, lock=False, compute=False)
 
 
-def store_level(group: Any, path: str, data: da.Array, chunk: int, bar: tqdm | None = None,
+def store_level(group: Any, path: str, data: da.Array, chunk: int, bar: Any = None,
                 step: str = "") -> None:
     """Write a (C, Z, Y, X) dask array as level `path` of `group`."""
     compute(store_graph(group, path, data, chunk)[1], bar=bar, step=step)
@@ -85,7 +86,7 @@ def pool_block(block: np.ndarray, factor: tuple[int, int, int], method: str) -> 
 
 
 def write_pyramid(group: Any, factors: list[tuple[int, int, int]], chunk: int,
-                  method: Literal["mean", "max"], bar: tqdm | None = None, name: str = "image") -> None:
+                  method: Literal["mean", "max"], bar: Any = None, name: str = "image") -> None:
     """Levels 1..n of `group` from level 0, each pooled from the one below."""
     for level, factor in enumerate(factors, start=1):
         below = group[str(level - 1)]

@@ -11,14 +11,12 @@ from typing import Any, Sequence
 import dask.array as da
 import numpy as np
 
-from tqdm import tqdm
-
 from lsmfm.data.ingest.pyramid import compute, store_graph
 from lsmfm.errors import InputError, LsmfmError
 
 
 def level0_with_stats(group: Any, data: da.Array, chunk: int, percentiles: Sequence[float],
-                      sample_voxels: int, bar: tqdm | None, where: str) -> list[dict[str, Any]]:
+                      sample_voxels: int, bar: Any, where: str) -> list[dict[str, Any]]:
     """Write `data` as level "0" of `group` and return per-channel statistics (see module doc)."""
     aligned, store = store_graph(group, "0", data, chunk)
     spatial = (1, 2, 3)

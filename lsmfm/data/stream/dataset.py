@@ -213,13 +213,13 @@ def stream_report(cfg: StreamConfig, n_batches: int, batch_size: int, num_worker
     """Stream `n_batches` and summarise them per source (count, mean intensity, share of voxels above the
     foreground threshold). `patches_per_s` is the steady rate after the first batch; `startup_s` (config
     checks, imports, worker start-up, first batch) is reported apart."""
-    from tqdm import tqdm
+    from lsmfm.progress import progress_bar
 
     start = time.perf_counter()
     batches = iter(make_loader(cfg, batch_size, num_workers=num_workers, seed=seed))
     per_source: dict[str, dict[str, float]] = {}
     first = start
-    for step in tqdm(range(n_batches), desc="streaming", unit="batch", disable=not progress):
+    for step in progress_bar(range(n_batches), desc="streaming", unit="batch", enabled=progress):
         batch = next(batches)
         if step == 0:
             first = time.perf_counter()

@@ -83,15 +83,14 @@ def write_finetune_patches(out_dir: str | Path, n_per_class: dict[str, int] | No
     structure) and `_blurred` (the image blurred again, plus noise of 1 % of its 99th percentile: the
     deblurring input, as in the real data). The folder is replaced atomically.
     """
-    from tqdm.auto import tqdm
-
     from lsmfm.io.atomic import atomic_dir
+    from lsmfm.progress import progress_bar
 
     counts = {"train": 4, "val": 2, "test": 2} if n_per_class is None else dict(n_per_class)
     jobs = [(split, s) for split, n in counts.items() for s in STRUCTURES for _ in range(n)]
     index = {s: 0 for s in STRUCTURES}
     with atomic_dir(out_dir, overwrite=True) as tmp:
-        for split, structure in tqdm(jobs, desc="finetune patches", unit="patch", disable=not progress):
+        for split, structure in progress_bar(jobs, desc="finetune patches", unit="patch", enabled=progress):
             k = index[structure]
             index[structure] += 1
             vol_seed = derived_seed(seed, 1, STRUCTURES.index(structure), k)
@@ -108,15 +107,14 @@ def write_finetune_patches(out_dir: str | Path, n_per_class: dict[str, int] | No
 def write_synth_dataset(out: str | Path, size: int = 128, seed: int = 0, volumes: int = 3, patch: int = 64,
                         n_per_class: dict[str, int] | None = None, progress: bool = True) -> Path:
     """`lsmfm synth`: out/volumes/<name>.tif (uint16), out/labels/<name>_<structure>.tif, out/finetune/."""
-    from tqdm.auto import tqdm
-
     from lsmfm.io.atomic import atomic_dir
+    from lsmfm.progress import progress_bar
 
     out = Path(out)
     with atomic_dir(out / "volumes", overwrite=True) as vol_dir, \
             atomic_dir(out / "labels", overwrite=True) as lab_dir:
-        for i, (name, structure) in enumerate(tqdm(demo_volume_names(volumes), desc="volumes", unit="volume",
-                                                   disable=not progress)):
+        for i, (name, structure) in enumerate(progress_bar(demo_volume_names(volumes), desc="volumes",
+                                                           unit="volume", enabled=progress)):
             vol = generate_volume(preset_config(structure, (size,) * 3, derived_seed(seed, 0, i)))
             write_tiff(vol_dir / f"{name}.tif", vol.image, vol.voxel_size)
             for s in STRUCTURES:

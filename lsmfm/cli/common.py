@@ -1,0 +1,150 @@
+"""What every `lsmfm` subcommand shares: the output options, up-front output checks, and the one error
+handler that turns user errors into one line and exit code 1.
+
+Exit codes: 0 success; 1 an error in the data, a file, a config or the environment (one line
+`lsmfm CMD: error: PATH: problem`), and also a bug in lsmfm (then a traceback and a line saying where
+to report it); 2 a usage error (argparse: unknown option, missing argument); 130 interrupted.
+
+Example (a subcommand module):
+    >>> def add_arguments(parser):
+    ...     parser.add_argument("--out", type=Path, required=True)
+    ...     add_overwrite(parser, "--out")
+    ...     add_quiet(parser)
+    >>> def run(args):
+    ...     check_output(args.out, overwrite=args.overwrite, kind="folder")
+"""
+from __future__ import annotations
+
+import argparse
+import errno
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+from lsmfm.errors import InputError, LsmfmError
+
+# OS errors caused by the environment or the user's paths, not by lsmfm: reported in one line.
+USER_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EEXIST,
+               errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG, errno.ELOOP, errno.EMFILE,
+               errno.ENFILE, errno.EFBIG, errno.EIO, errno.ENOTEMPTY, errno.EXDEV, errno.ETXTBSY}
+PROBLEM = {errno.EACCES: "permission denied", errno.EPERM: "operation not permitted",
+           errno.EROFS: "read-only file system", errno.ENOSPC: "no space left on device",
+           errno.EDQUOT: "disk quota exceeded", errno.EEXIST: "already exists",
+           errno.ENOENT: "no such file or folder", errno.ENOTDIR: "not a folder (a file is in the way)",
+           errno.EISDIR: "is a folder, expected a file", errno.EIO: "input/output error (failing disk?)"}
+NO_SPACE_TEXT = ("No space left on device", "Disk quota exceeded")
+
+
+def add_overwrite(parser: Any, what: str = "the output") -> None:
+    """`--overwrite`: replace `what` when it exists (without it an existing output is refused)."""
+    parser.add_argument("--overwrite", action="store_true",
+                        help=f"replace {what} if it exists (default: refuse, nothing is touched)")
+
+
+def add_quiet(parser: Any) -> None:
+    """`--quiet`/`-q`: no progress output (errors and the final summary still print)."""
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="no progress bars or progress lines (errors and the summary still print)")
+
+
+def check_output(path: str | Path | None, *, overwrite: bool | None,
+                 kind: Literal["folder", "file", "store"] = "folder") -> Path | None:
+    """Refuse, before any work, an output that cannot be written: an existing one without `overwrite`,
+    a file where a folder goes (or the reverse), or a parent folder this process may not write.
+
+    `overwrite=None` leaves what an existing output means to the command (e.g. ingest completes or
+    refuses a store by what it holds). Returns the path (None passes through, for optional outputs)."""
+    if path is None:
+        return None
+    out = Path(path)
+    if out.exists() or out.is_symlink():
+        if kind == "file" and out.is_dir():
+            raise InputError(out, "is a folder; --out names the file to write")
+        if kind != "file" and not out.is_dir():
+            raise InputError(out, f"is an existing file, not a {kind}; choose another path")
+        if overwrite is False and (kind == "file" or any(out.iterdir())):
+            raise InputError(out, "already exists; choose another path or pass --overwrite")
+    if out.is_dir():
+        check_writable(out)  # written into; replacing it also needs its parent
+    if not out.is_dir() or overwrite:
+        check_writable(out.parent)
+    return out
+
+
+def check_writable(folder: str | Path) -> None:
+    """The nearest existing ancestor of `folder` must be a folder this process may create entries in."""
+    p = Path(folder).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    if not p.is_dir():
+        raise InputError(p, "is a file, so no folder can be created under it")
+    if not os.access(p, os.W_OK | os.X_OK):
+        problem = "read-only file system" if _read_only_fs(p) else "permission denied"
+        raise InputError(p, f"cannot write here ({problem}); choose an --out in a folder you can write")
+
+
+def _read_only_fs(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
+def user_error_message(exc: BaseException, args: argparse.Namespace | None = None) -> str | None:
+    """The one-line message for an error the user can fix, or None when `exc` is a bug in lsmfm."""
+    if isinstance(exc, LsmfmError):
+        return str(exc)
+    if isinstance(exc, MemoryError):
+        return "out of memory; use smaller blocks or batches (e.g. a smaller --block or --batch)"
+    if isinstance(exc, OSError) and exc.errno in USER_ERRNOS:
+        problem = PROBLEM.get(exc.errno, exc.strerror or str(exc)) if exc.errno else str(exc)
+        where = exc.filename if exc.filename is not None else _output_of(args)
+        if exc.filename2 is not None:
+            where = f"{exc.filename} -> {exc.filename2}"
+        return f"{where}: {problem}" if where is not None else problem
+    text = str(exc)
+    if any(t in text for t in NO_SPACE_TEXT):  # e.g. safetensors or zarr re-raising ENOSPC as text
+        where = _output_of(args)
+        return f"{where}: no space left on device" if where is not None else "no space left on device"
+    return None
+
+
+def _output_of(args: argparse.Namespace | None) -> Any:
+    return getattr(args, "out", None) if args is not None else None
+
+
+def issues_url() -> str:
+    """Where bugs are reported: the project's "Issues" URL in the package metadata."""
+    from importlib import metadata
+
+    try:
+        urls = metadata.metadata("lsmfm").get_all("Project-URL") or []
+    except metadata.PackageNotFoundError:
+        urls = []
+    for entry in urls:
+        label, _, url = entry.partition(",")
+        if label.strip().lower() == "issues":
+            return url.strip()
+    return "the lsmfm issue tracker"
+
+
+def run_command(command: str, run: Callable[[argparse.Namespace], int | None], args: argparse.Namespace
+                ) -> int:
+    """Run a subcommand: user errors print one line (exit 1), bugs a traceback and where to report it."""
+    try:
+        return int(run(args) or 0)
+    except KeyboardInterrupt:
+        print(f"lsmfm {command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - classified below: user error or bug
+        message = user_error_message(exc, args)
+        if message is not None:
+            print(f"lsmfm {command}: error: {message}", file=sys.stderr)
+            return 1
+        traceback.print_exc()
+        print(f"lsmfm {command}: internal error: this is a bug in lsmfm, not a problem with your input. "
+              f"Please report it at {issues_url()} with the command line and the traceback above.",
+              file=sys.stderr)
+        return 1
