@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
-__version__ = "0.1.0"
+from lsmfm.provenance import VERSION as __version__
+
 __all__ = ["load_pretrained", "__version__"]
 
 

@@ -1,6 +1,7 @@
 """Typed configs: dataclass defaults, merged with a YAML file, then dotted `key=value` overrides.
 
-Every run saves the resolved config next to its outputs, so it can be reproduced from that file alone.
+Every run saves the resolved config next to its outputs, so it can be reproduced from that file alone;
+the saved file also records which lsmfm wrote it (top-level `provenance:`, ignored when it is loaded).
 Unknown keys are errors that name the key and the file: a typo must never be silently ignored.
 """
 from __future__ import annotations
@@ -15,6 +16,7 @@ import yaml
 
 from lsmfm.errors import ConfigError
 from lsmfm.io.atomic import atomic_write_text
+from lsmfm.provenance import KEY as PROVENANCE_KEY, provenance
 
 T = TypeVar("T")
 
@@ -26,6 +28,7 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
     if path is not None:
         source = str(path)
         data = read_yaml(path)
+        data.pop(PROVENANCE_KEY, None)  # written by save_config: who made the file, not a setting
     for item in overrides:
         apply_override(data, item)
     return from_dict(cls, data, source=source)
@@ -168,5 +171,6 @@ def _plain(value: Any) -> Any:
 
 
 def save_config(cfg: Any, path: str | Path) -> None:
-    """Write the resolved config as YAML, atomically."""
-    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    """Write the resolved config as YAML, atomically, with the lsmfm version and commit that wrote it."""
+    data = {**to_dict(cfg), PROVENANCE_KEY: provenance()}
+    atomic_write_text(path, yaml.safe_dump(data, sort_keys=False))

@@ -13,14 +13,13 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+VERSION = "0.1.0"  # the one place of the version: `lsmfm.__version__` and the package metadata read it
 KEY = "provenance"
 SOURCE_ROOT = Path(__file__).resolve().parents[1]
 
 
 def version() -> str:
-    from lsmfm import __version__
-
-    return __version__
+    return VERSION
 
 
 @functools.lru_cache(maxsize=1)

@@ -6,6 +6,7 @@ Lightning extras.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from lsmfm.errors import InputError
 from lsmfm.models.backbones.registry import BackboneConfig, build_backbone
 from lsmfm.models.backbones.swinunetr import SwinUNETRConfig
 from lsmfm.models.backbones.unet import UNetConfig
+from lsmfm.provenance import provenance
 from lsmfm.weights.registry import RELEASES, check_arch
 
 TINY_UNET = UNetConfig(channels=[4, 8, 16], strides=[2, 2], out_channels=8)
@@ -97,7 +99,7 @@ def test_paper_width_unet_shapes_are_inferred(tmp_path):
     converted = net.save_pretrained(tmp_path / "converted")  # the paper's weights in our format
     again = lsmfm.load_pretrained(converted)
     assert_same_state(again, encoder(sd, "teacher"))
-    assert again.lsmfm_config == net.lsmfm_config
+    assert again.lsmfm_config == dataclasses.replace(net.lsmfm_config, provenance=provenance())
 
 
 def test_paper_width_swinunetr_36_is_inferred(tmp_path):

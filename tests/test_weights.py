@@ -39,7 +39,9 @@ def test_round_trip_through_the_folder(tiny_dir):
     assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json", "model.safetensors"]
     cfg, state = read_model_dir(folder)
     assert cfg == ModelConfig(backbone=TINY_UNET, patch_size=[32, 32, 32], voxel_size=[2.0, 1.0, 1.0],
-                              pretraining={"mode": "image_only", "which": "teacher", "data": ["synthetic"]})
+                              pretraining={"mode": "image_only", "which": "teacher", "data": ["synthetic"]},
+                              provenance=cfg.provenance)
+    assert cfg.provenance["lsmfm_version"] == lsmfm.__version__  # who wrote it (tests/test_provenance.py)
     loaded = lsmfm.load_pretrained(folder)
     assert type(loaded) is UNetBackbone and not loaded.training
     assert loaded.lsmfm_config == cfg

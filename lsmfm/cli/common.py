@@ -117,17 +117,9 @@ def _output_of(args: argparse.Namespace | None) -> Any:
 
 def issues_url() -> str:
     """Where bugs are reported: the project's "Issues" URL in the package metadata."""
-    from importlib import metadata
+    from lsmfm.citation import project_url
 
-    try:
-        urls = metadata.metadata("lsmfm").get_all("Project-URL") or []
-    except metadata.PackageNotFoundError:
-        urls = []
-    for entry in urls:
-        label, _, url = entry.partition(",")
-        if label.strip().lower() == "issues":
-            return url.strip()
-    return "the lsmfm issue tracker"
+    return project_url("Issues") or "the lsmfm issue tracker"
 
 
 def run_command(command: str, run: Callable[[argparse.Namespace], int | None], args: argparse.Namespace

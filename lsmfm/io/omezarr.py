@@ -4,7 +4,8 @@ Layout written by `lsmfm ingest` (NGFF 0.5 on Zarr v3):
     STORE.zarr/zarr.json        attributes["ome"] = {"version": "0.5", "multiscales": [...], "omero": {...}}
                                 attributes["lsmfm"] = {"intensity": [per channel: {"percentiles":
                                     {"0.1": v, "0.5": v, "1": v, ..., "99.5": v, "99.8": v, "99.9": v},
-                                    "min", "max", "mean", "std"}], "sources": [...], "channel_names": [...]}
+                                    "min", "max", "mean", "std"}], "sources": [...], "channel_names": [...],
+                                    "provenance": {"lsmfm_version", "git_commit", "git_dirty"}}
     STORE.zarr/0, 1, ...        pyramid levels, axes (c, z, y, x), level 0 at full resolution; chunks
                                 (1, 64, 64, 64), blosc-zstd; each level halves the finest axes (mean)
     STORE.zarr/labels/zarr.json attributes["ome"]["labels"] = [names]
@@ -117,10 +118,15 @@ def create_level(group: Any, path: str, shape: tuple[int, ...], dtype: Any, chun
 
 
 def write_ome(group: Any, ome: dict[str, Any], extra: dict[str, Any] | None = None) -> None:
-    """Write the NGFF block (and lsmfm's own attributes) in one metadata update, as the last step."""
+    """Write the NGFF block (and lsmfm's own attributes) in one metadata update, as the last step.
+    lsmfm's own block (`extra["lsmfm"]`) always records the lsmfm that wrote it (`provenance`)."""
+    from lsmfm.provenance import KEY, provenance
+
     attrs = {"ome": {"version": NGFF_VERSION, **ome}}
     if extra:
         attrs.update(extra)
+    if "lsmfm" in attrs:
+        attrs["lsmfm"] = {**attrs["lsmfm"], KEY: provenance()}
     group.attrs.update(attrs)
 
 

@@ -178,6 +178,7 @@ def run_fewshot(plan: Plan, out_dir: str | Path, progress: bool = True, overwrit
         _keep(plan, out_dir, kept, row, model, scores, examples["test"])
         _write_tables(out_dir, rows, per_image, plan.task.metrics)
     plot_metrics(out_dir, rows, plan.task.metrics, title=f"{plan.task.name}: pretrained vs scratch")
+    refresh_cards(out_dir, rows, plan.task.metrics)
     return rows
 
 
@@ -208,20 +209,45 @@ def _keep(plan: Plan, out_dir: Path, kept: dict[tuple[int, str], dict[str, Any]]
     if plan.cfg.keep == "best" and previous is not None and not score > previous["score"]:
         return
     target = out_dir / str(row["init"]) / f"shots{row['shots']}_seed{row['seed']}"
-    save_run(plan, model, scores, test, target)
+    save_run(plan, model, scores, test, target, finetuning_record(plan, row, scores, out_dir))
     if plan.cfg.keep == "best" and previous is not None:
         shutil.rmtree(previous["dir"], ignore_errors=True)
     kept[key] = {"score": score, "dir": target}
 
 
-def save_run(plan: Plan, model: nn.Module, scores: Scores, test: list[Example], target: Path) -> None:
+def save_run(plan: Plan, model: nn.Module, scores: Scores, test: list[Example], target: Path,
+             finetuning: dict[str, Any] | None = None) -> None:
     """`target/model` (finetuned model folder) and `target/predictions`, written atomically."""
     from lsmfm.tasks.models import save_task_model
 
     with atomic_dir(target, overwrite=True) as tmp:
-        save_task_model(model, tmp / "model", plan.model_config, **plan.task.model_fields())
+        save_task_model(model, tmp / "model", plan.model_config, finetuning=finetuning,
+                        **plan.task.model_fields())
         (tmp / "predictions").mkdir()
         plan.task.write_predictions(scores, test, tmp / "predictions", plan.cfg.prediction_format)
+
+
+def finetuning_record(plan: Plan, row: dict[str, Any], scores: Scores, out_dir: Path) -> dict[str, Any]:
+    """What a kept model records about how it was made (`config.task["finetuning"]`, its model card)."""
+    data = plan.cfg.data
+    source = (f"{data.catalog} (train {', '.join(data.train_ids)})" if data.catalog else
+              f"train {data.train_dir}, validation {data.val_dir}, test {data.test_dir}")
+    return {"base_model": plan.cfg.pretrained if row["init"] == "pretrained" else None,
+            "init": row["init"], "shots": int(row["shots"]), "seed": int(row["seed"]),
+            "train_patches": str(row["train_patches"]).split(), "data": source,
+            "test_metrics": {k: float(v) for k, v in scores.metrics.items()}, "run": str(out_dir)}
+
+
+def refresh_cards(out_dir: Path, rows: list[dict[str, Any]], metrics: tuple[str, ...]) -> None:
+    """Rewrite each kept model's card with the results table of the whole protocol (known at the end)."""
+    from lsmfm.tasks.models import task_model_card
+    from lsmfm.tasks.results import format_table
+    from lsmfm.weights.format import CARD_NAME, read_model_dir
+
+    table = "```text\n" + format_table(rows, list(metrics)) + "\n```"
+    for folder in sorted(out_dir.glob("*/shots*_seed*/model")):
+        config, state = read_model_dir(folder)
+        atomic_write_text(folder / CARD_NAME, task_model_card(config, state, results_table=table))
 
 
 def _write_tables(out_dir: Path, rows: list[dict[str, Any]], per_image: list[dict[str, Any]],

@@ -56,10 +56,12 @@ def build_task_model(task: str, backbone: nn.Module, head_cfg: Any = None) -> Ta
 
 def save_task_model(model: TaskModel, out_dir: str | Path, model_config: Any,
                     class_names: Sequence[str] | None = None, threshold: float = 0.5,
-                    model_card: str | None = None, overwrite: bool = False) -> Path:
+                    model_card: str | None = None, overwrite: bool = False,
+                    finetuning: Mapping[str, Any] | None = None) -> Path:
     """Save `model` as a model folder (atomically); `model_config` (a `ModelConfig`, e.g. the pretrained
     backbone's `.lsmfm_config`) supplies patch size, voxel size, normalisation and pretraining provenance;
-    its backbone and task entries are filled in here."""
+    its backbone and task entries are filled in here. `finetuning`: how the model was made (base model,
+    shots, seed, data, test metrics; see `lsmfm.tasks.fewshot.finetuning_record`)."""
     from lsmfm.weights.format import save_model_dir
 
     classes = [str(c) for c in class_names or []]
@@ -69,6 +71,8 @@ def save_task_model(model: TaskModel, out_dir: str | Path, model_config: Any,
                          f"class names were given: {classes}")
     task = {"name": model.task, "head": to_dict(model.head_config), "classes": classes,
             "threshold": float(threshold)}
+    if finetuning:
+        task["finetuning"] = dict(finetuning)
     config = dataclasses.replace(model_config, backbone=model.backbone.config, task=task)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     if model_card is None:
@@ -76,20 +80,20 @@ def save_task_model(model: TaskModel, out_dir: str | Path, model_config: Any,
     return save_model_dir(out_dir, state, config, model_card=model_card, overwrite=overwrite)
 
 
-def task_model_card(config: Any, state: Mapping[str, torch.Tensor]) -> str:
-    """The weights format's model card plus the task's own lines and how to use the model."""
+def task_model_card(config: Any, state: Mapping[str, torch.Tensor], results_table: str | None = None
+                    ) -> str:
+    """The weights format's model card plus the task's own lines and how to use the model;
+    `results_table`: the few-shot results of the run the model comes from."""
     from lsmfm.weights.card import render_model_card
 
     task = config.task
     spec = task_class(task["name"])
-    lines = [render_model_card(config, state, title=f"lsmfm finetuned {task['name']} model").rstrip("\n"), ""]
-    lines += spec.card_lines(task)
-    lines += ["", "## Use", "", "```python", "from lsmfm.tasks.models import load_task_model",
-              'model, config = load_task_model("path/to/this/folder")', "```", ""]
+    use = ["## Use", "", "```python", "from lsmfm.tasks.models import load_task_model",
+           'model, config = load_task_model("path/to/this/folder")', "```", ""]
     if spec.volume_output is not None:
-        lines += ["Whole volumes: `lsmfm predict --model path/to/this/folder --input VOLUME "
-                  "--out PRED.zarr`", ""]
-    return "\n".join(lines)
+        use += ["Whole volumes: `lsmfm predict --model path/to/this/folder --input VOLUME --out PRED.zarr`", ""]
+    return render_model_card(config, state, title=f"lsmfm finetuned {task['name']} model",
+                             extra=spec.card_lines(task), load=use, results_table=results_table)
 
 
 def load_task_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[TaskModel, Any]:

@@ -46,6 +46,8 @@ def _write_zarr(array: np.ndarray, patch: Patch, target: Path) -> None:
     """A one-level NGFF 0.5 image (axes c, z, y, x; scale in micrometres)."""
     import zarr
 
+    from lsmfm.io.omezarr import write_ome
+
     data = array if array.ndim == 4 else array[None]
     axes = [{"name": "c", "type": "channel"}]
     axes += [{"name": a, "type": "space", "unit": "micrometer"} for a in "zyx"]
@@ -56,4 +58,4 @@ def _write_zarr(array: np.ndarray, patch: Patch, target: Path) -> None:
         level = group.create_array("0", shape=data.shape, dtype=data.dtype,
                                    chunks=(1,) + tuple(min(s, 64) for s in data.shape[1:]))
         level[...] = data
-        group.attrs["ome"] = {"version": "0.5", "multiscales": multiscales}
+        write_ome(group, {"multiscales": multiscales}, {"lsmfm": {"prediction_of": str(patch.path)}})

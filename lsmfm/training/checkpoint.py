@@ -17,7 +17,8 @@ Layout of a run folder::
 
 The client state (in `mp_rank_00_model_states.pt`, key by key) holds: `step` (optimizer steps done),
 `samples` (samples consumed per rank, the data stream's `start_index` on resume), `rng` (per rank:
-python, numpy, torch CPU and CUDA states), `scheduler` (the values of the lr/momentum/temperature
+python, numpy, torch CPU and CUDA states), `provenance` (the lsmfm version and git commit that
+wrote it), `scheduler` (the values of the lr/momentum/temperature
 schedules at `step`), `teacher_updates`, and `config` (the resolved config as a dict).
 
 Atomicity: every rank writes into `checkpoints/.tmp_<tag>/`; after all ranks finish, rank 0 fsyncs the
@@ -39,6 +40,7 @@ import yaml
 
 from lsmfm.errors import InputError
 from lsmfm.io.atomic import atomic_write_text
+from lsmfm.provenance import KEY as PROVENANCE_KEY, provenance
 from lsmfm.training import distributed
 
 TMP_PREFIX = ".tmp_"
@@ -94,7 +96,8 @@ def save(engine: Any, run_dir: str | Path, step: int, client_state: dict[str, An
     if engine.global_rank == 0:
         remove_stale(root)
     distributed.barrier()
-    state = dict(client_state, step=step, rng=distributed.gather_objects(capture_rng()))
+    state = dict(client_state, step=step, rng=distributed.gather_objects(capture_rng()),
+                 provenance=provenance())
     engine.save_checkpoint(str(root), tag=tmp_tag, client_state=state, save_latest=False)
     if engine.global_rank == 0:
         _commit(root, tmp_tag, tag, state.get("config"))
@@ -133,7 +136,8 @@ def remove_stale(root: Path) -> None:
 def _commit(root: Path, tmp_tag: str, tag: str, config: dict[str, Any] | None) -> None:
     tmp = root / tmp_tag
     if config is not None:
-        (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        data = {**config, PROVENANCE_KEY: provenance()}
+        (tmp / "config.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
     for f in tmp.rglob("*"):
         if f.is_file():
             with open(f, "rb") as fh:

@@ -12,6 +12,7 @@ Example:
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ from lsmfm.config import from_dict, to_dict
 from lsmfm.data.normalize import NormalizeConfig
 from lsmfm.errors import ConfigError, InputError
 from lsmfm.io.atomic import atomic_dir, share_per_umask
+from lsmfm.provenance import provenance
 from lsmfm.tasks.registry import TASKS
 from lsmfm.models.backbones.registry import BackboneConfig, default_backbone_config
 
@@ -47,6 +49,7 @@ class ModelConfig:
             which network of the student/teacher pair these weights are, steps.
         task: None for a pretrained backbone; finetuned models set {"name": a registered task,
             "head": {...}} and store their weights as `backbone.*` + `head.*`.
+        provenance: the lsmfm version and git commit that wrote the folder (set when it is saved).
     """
 
     format_version: int = FORMAT_VERSION
@@ -56,6 +59,7 @@ class ModelConfig:
     normalize: NormalizeConfig = field(default_factory=NormalizeConfig)
     pretraining: dict[str, Any] = field(default_factory=dict)
     task: dict[str, Any] | None = None
+    provenance: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.format_version > FORMAT_VERSION:
@@ -110,6 +114,7 @@ def write_model_files(folder: str | Path, state_dict: Mapping[str, torch.Tensor]
     from safetensors.torch import save_file
 
     folder = Path(folder)
+    config = dataclasses.replace(config, provenance=provenance())
     text = config.to_json()
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
     save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt", METADATA_KEY: text})
