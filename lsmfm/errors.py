@@ -19,3 +19,7 @@ class InputError(LsmfmError, ValueError):
 
 class ConfigError(LsmfmError, ValueError):
     """A configuration file or override is invalid; the message names the key."""
+
+
+class LsmfmWarning(UserWarning):
+    """Something the user should know that does not stop the run; the CLI prints it as one line."""

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from lsmfm.cli.main import main
 from lsmfm.data.catalog.entries import load_catalog, validate_catalog, write_catalog
 from lsmfm.data.ingest.convert import ingest, ingest_array, pyramid_factors
 from lsmfm.data.synthetic.write import write_nifti, write_tiff
-from lsmfm.errors import InputError
+from lsmfm.errors import InputError, LsmfmWarning
 from lsmfm.io.omezarr import is_complete_image, open_image, stored_percentile
 
 REPO = Path(__file__).resolve().parents[1]
@@ -187,7 +188,8 @@ def test_killed_ingest_never_looks_complete_and_rerun_finishes(tmp_path):
     assert partial.exists() and not out.exists()
     assert not is_complete_image(partial)
     write_tiff(tmp_path / "small.tif", _volume((20, 30, 40)), VOXEL)
-    rerun = ingest(tmp_path / "small.tif", out, progress=False)
+    with pytest.warns(LsmfmWarning, match="took over the stale lock of lsmfm ingest"):
+        rerun = ingest(tmp_path / "small.tif", out, progress=False)
     assert is_complete_image(rerun) and not partial.exists()
 
 
@@ -257,3 +259,33 @@ def test_real_data_ingests_and_catalogs(shared_data, tmp_path):
     catalog = write_catalog(tmp_path / "real.yaml", entries)
     assert len(load_catalog(catalog)) == 5
     assert [r["status"] for r in validate_catalog(catalog)] == ["ok"] * 5
+
+
+def test_two_ingests_at_once_one_writes_the_other_is_refused(tmp_path):
+    """Both start together: exactly one writes the store; the other is refused in one line (the lock, or
+    the finished store when it came second), and the store is complete and exact."""
+    vol = _volume((64, 96, 96))
+    write_tiff(tmp_path / "img.tif", vol, VOXEL)
+    out = tmp_path / "same.zarr"
+    cmd = [sys.executable, "-m", "lsmfm.cli.main", "ingest", str(tmp_path / "img.tif"), "--out", str(out),
+           "--quiet"]
+    procs = [subprocess.Popen(cmd, cwd=REPO, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    assert sorted(rc for rc, _ in results) == [0, 1], results
+    refusal = next(err for rc, err in results if rc)
+    assert len(refusal.strip().splitlines()) == 1
+    assert "in use by lsmfm ingest (pid" in refusal or "already a complete OME-Zarr image" in refusal
+    group, ms = open_image(out)
+    np.testing.assert_array_equal(group["0"][0], vol)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["img.tif", "same.zarr"]
+
+
+def test_ingest_refuses_while_another_writer_holds_the_output(tiff_pair, tmp_path, capsys):
+    from lsmfm.io.lock import output_lock
+
+    out = tmp_path / "busy.zarr"
+    with output_lock(out, "lsmfm ingest"):
+        assert main(["ingest", str(tiff_pair[0]), "--out", str(out), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert f"busy.zarr: in use by lsmfm ingest (pid {os.getpid()}" in err and len(err.splitlines()) == 1
+    assert not out.exists() and not (tmp_path / "busy.zarr.partial").exists()

@@ -8,6 +8,7 @@ import math
 import random
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -252,3 +253,36 @@ def test_real_mesospim_volume(tmp_path, seg_model, shared_data):
     assert summary["blocks"] == 3 * 2 * 2  # 124 = 48 + 48 + 28: fewest balanced cores <= 64 on the 24 grid
     prob = zarr.open_array(str(tmp_path / "p.zarr/0"), mode="r")[0]
     np.testing.assert_allclose(prob, in_memory_reference(model, volume)[0], atol=1e-5)
+
+
+SLOW_BLOCKS = """
+import sys, time
+from lsmfm.tasks import predict
+real = predict.predict_block
+predict.predict_block = lambda *a, **k: (time.sleep(0.5), real(*a, **k))[1]
+from lsmfm.cli.main import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_two_predicts_to_one_out_the_second_is_refused(tmp_path, seg_model):
+    """The second writer is refused at once while the first runs; the first finishes a correct store."""
+    model_dir, model = seg_model
+    volume = synthetic_volume((64, 64, 64))
+    src = write_store(tmp_path / "in.zarr", volume)
+    out = tmp_path / "same.zarr"
+    args = ["predict", "--model", str(model_dir), "--input", str(src), "--out", str(out), "--block", "32",
+            "--quiet"]
+    first = subprocess.Popen([sys.executable, "-c", SLOW_BLOCKS, *args], stderr=subprocess.PIPE, text=True)
+    lock_file = tmp_path / "same.zarr.lock"
+    while not lock_file.exists() and first.poll() is None:
+        time.sleep(0.02)
+    second = subprocess.run([sys.executable, "-m", "lsmfm.cli.main", *args], capture_output=True, text=True,
+                            timeout=300)
+    assert first.wait(timeout=300) == 0, first.stderr.read()
+    assert second.returncode == 1
+    assert f"same.zarr: in use by lsmfm predict (pid {first.pid} on " in second.stderr
+    assert len(second.stderr.strip().splitlines()) == 1
+    prob = zarr.open_array(str(out / "0"), mode="r")[0]
+    np.testing.assert_allclose(prob, in_memory_reference(model, volume)[0], atol=1e-5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.zarr", "same.zarr"]

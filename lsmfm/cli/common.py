@@ -16,14 +16,16 @@ Example (a subcommand module):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import os
 import sys
 import traceback
+import warnings
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Iterator, Literal
 
-from lsmfm.errors import InputError, LsmfmError
+from lsmfm.errors import InputError, LsmfmError, LsmfmWarning
 
 # OS errors caused by the environment or the user's paths, not by lsmfm: reported in one line.
 USER_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EEXIST,
@@ -124,9 +126,11 @@ def issues_url() -> str:
 
 def run_command(command: str, run: Callable[[argparse.Namespace], int | None], args: argparse.Namespace
                 ) -> int:
-    """Run a subcommand: user errors print one line (exit 1), bugs a traceback and where to report it."""
+    """Run a subcommand: user errors print one line (exit 1), bugs a traceback and where to report it;
+    lsmfm's warnings print as one line each."""
     try:
-        return int(run(args) or 0)
+        with one_line_warnings(f"lsmfm {command}"):
+            return int(run(args) or 0)
     except KeyboardInterrupt:
         print(f"lsmfm {command}: interrupted", file=sys.stderr)
         return 130
@@ -140,3 +144,22 @@ def run_command(command: str, run: Callable[[argparse.Namespace], int | None], a
               f"Please report it at {issues_url()} with the command line and the traceback above.",
               file=sys.stderr)
         return 1
+
+
+@contextlib.contextmanager
+def one_line_warnings(prefix: str) -> Iterator[None]:
+    """Print lsmfm's own warnings as `lsmfm CMD: warning: ...` (others keep Python's format)."""
+    default = warnings.showwarning
+
+    def show(message: Any, category: type, filename: str, lineno: int, file: Any = None,
+             line: str | None = None) -> None:
+        if issubclass(category, LsmfmWarning):
+            print(f"{prefix}: warning: {message}", file=sys.stderr)
+        else:
+            default(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = default

@@ -2,11 +2,16 @@
 from __future__ import annotations
 
 import contextlib
+import errno
+import glob
 import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
+
+from lsmfm.errors import InputError
+from lsmfm.io.lock import PARTIAL_MARKER, is_lsmfm_partial, mark_partial, output_lock
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -57,19 +62,33 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def atomic_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder next to `path`; it becomes `path` only if the block succeeds."""
+    """Yield a temporary folder next to `path`; it becomes `path` only if the block succeeds. The
+    output's lock (`lsmfm.io.lock`) is held throughout, so a second writer of `path` is refused."""
     target = Path(path)
     if target.exists() and not overwrite:
         raise FileExistsError(f"{target}: already exists")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    try:
-        yield tmp
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700: others could not read what we share
-        replace_dir(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    with output_lock(target):
+        if target.exists() and not overwrite:  # finished by another writer while we started
+            raise FileExistsError(f"{target}: already exists")
+        for old in target.parent.glob(f".{glob.escape(target.name)}.*.tmp"):
+            if old.is_dir() and is_lsmfm_partial(old):  # left by a killed writer of this output
+                shutil.rmtree(old, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+        try:
+            mark_partial(tmp)
+            yield tmp
+            os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700: others could not read what we share
+            commit_partial(tmp, target)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+
+
+def commit_partial(partial: str | Path, out: str | Path) -> None:
+    """Rename a finished, lsmfm-marked `partial` folder to `out` (an old `out` is removed only now) and
+    drop the marker."""
+    replace_dir(partial, out)
+    (Path(out) / PARTIAL_MARKER).unlink(missing_ok=True)
 
 
 def replace_dir(src: str | Path, target: str | Path) -> None:
@@ -83,3 +102,18 @@ def replace_dir(src: str | Path, target: str | Path) -> None:
     os.replace(target, old)
     os.replace(src, target)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def disk_error(exc: BaseException, target: str | Path) -> InputError | None:
+    """The one-line error for a write to `target` that the disk refused (full, over quota, read-only),
+    naming the output rather than whatever was being read; None for any other failure."""
+    if not isinstance(exc, OSError) or exc.errno not in _DISK_ERRNOS:
+        return None
+    target = Path(target)
+    folder = next((p for p in [target, *target.parents] if p.exists()), Path("."))
+    free = shutil.disk_usage(folder).free
+    return InputError(target, f"cannot write: {os.strerror(exc.errno)} ({free / 2**30:.1f} GiB free on its "
+                              "device); free some space or choose another output")
+
+
+_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}

@@ -35,6 +35,7 @@ from lsmfm.data.normalize import NormalizeConfig
 from lsmfm.device import resolve_device
 from lsmfm.errors import ConfigError, InputError
 from lsmfm.io.atomic import atomic_dir, atomic_write_text
+from lsmfm.io.lock import output_lock
 from lsmfm.models.backbones.registry import BackboneConfig, build_backbone
 from lsmfm.tasks.base import Example, FinetuneTask, Geometry, Scores
 from lsmfm.tasks.config import FinetuneConfig
@@ -148,15 +149,21 @@ def check_run_dir(out_dir: Path, overwrite: bool = False) -> None:
 def run_fewshot(plan: Plan, out_dir: str | Path, progress: bool = True, overwrite: bool = False
                 ) -> list[dict[str, Any]]:
     """Train and score every (shots, seed, init) of `plan`; returns the results.csv rows. `overwrite`
-    first removes an earlier finetune run in `out_dir` (see `check_run_dir`)."""
+    first removes an earlier finetune run in `out_dir` (see `check_run_dir`). RUN_DIR's lock
+    (`lsmfm.io.lock`) is held throughout: a second run into the same folder is refused."""
+    out_dir = Path(out_dir)
+    with output_lock(out_dir, "lsmfm finetune"):
+        check_run_dir(out_dir, overwrite)
+        if overwrite and out_dir.is_dir():
+            shutil.rmtree(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        return _run_all(plan, out_dir, progress)
+
+
+def _run_all(plan: Plan, out_dir: Path, progress: bool) -> list[dict[str, Any]]:
     from lsmfm.progress import progress_bar
     from lsmfm.tasks.results import plot_metrics
 
-    out_dir = Path(out_dir)
-    check_run_dir(out_dir, overwrite)
-    if overwrite and out_dir.is_dir():
-        shutil.rmtree(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     save_config(plan.cfg, out_dir / "config.yaml")
     examples = {name: [plan.task.prepare(p, plan.normalize) for p in patches]
                 for name, patches in plan.splits.items()}

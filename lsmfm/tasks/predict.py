@@ -33,7 +33,8 @@ import torch
 from lsmfm.data.normalize import NormalizeConfig, denormalize_channels, normalize_channels
 from lsmfm.errors import ConfigError, InputError
 from lsmfm.device import resolve_device
-from lsmfm.io.atomic import replace_dir
+from lsmfm.io.atomic import commit_partial
+from lsmfm.io.lock import output_lock, partial_dir
 from lsmfm.io.volumes import Volume, materialize, open_volume
 from lsmfm.tasks.base import sliding_window
 
@@ -231,18 +232,21 @@ def predict_volume(model_dir: str | Path, input_path: str | Path, out_path: str 
     if model.spec.volume_output == "mask":
         recorded = config.task.get("threshold", 0.5)
         info["threshold"] = float(opts.threshold if opts.threshold is not None else recorded)
-    partial = out.with_name(out.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)  # left by a killed run
-    start = time.perf_counter()
-    try:
-        windows = write_prediction(partial, model, config, volume, bounds, opts, info.get("threshold"),
-                                   progress)
-        seconds = time.perf_counter() - start
-        write_metadata(partial, out.name, volume.voxel_size, info, segment=model.spec.volume_output == "mask")
-        replace_dir(partial, out)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
+    with output_lock(out, "lsmfm predict"):
+        if out.exists() and not overwrite:
+            raise InputError(out, "already exists; choose another --out or pass --overwrite")
+        partial = partial_dir(out)  # an old one was left by a killed run
+        start = time.perf_counter()
+        try:
+            windows = write_prediction(partial, model, config, volume, bounds, opts, info.get("threshold"),
+                                       progress)
+            seconds = time.perf_counter() - start
+            write_metadata(partial, out.name, volume.voxel_size, info,
+                           segment=model.spec.volume_output == "mask")
+            commit_partial(partial, out)
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
     voxels = math.prod(volume.spatial_shape)
     return {**info, "out": str(out), "shape": list(volume.spatial_shape),
             "voxel_size": list(volume.voxel_size), "voxels": voxels, "seconds": seconds,
@@ -302,7 +306,7 @@ def create_store(path: Path, channels: int, shape: tuple[int, int, int], segment
 
     from lsmfm.io.omezarr import create_level
 
-    root = zarr.open_group(str(path), mode="w", zarr_format=3)
+    root = zarr.open_group(str(path), mode="a", zarr_format=3)
     image = create_level(root, "0", (channels, *shape), "float32", chunk)
     mask = None
     if segment:

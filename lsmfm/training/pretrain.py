@@ -28,7 +28,7 @@ from lsmfm.config import load_config, read_yaml, save_config, to_dict
 from lsmfm.data.stream.config import StreamConfig
 from lsmfm.data.stream.dataset import make_loader
 from lsmfm.device import resolve_device
-from lsmfm.errors import ConfigError, InputError
+from lsmfm.errors import ConfigError, InputError, LsmfmError
 from lsmfm.io.atomic import atomic_write_text
 from lsmfm.models.ssl import SSLConfig
 from lsmfm.training import checkpoint, distributed
@@ -129,10 +129,30 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, resume: bool = False, ove
     device = resolve_device(cfg.train.device, distributed.ensure_env().local_rank)
     env = distributed.init(device)
     try:
-        with _torch_settings(cfg.train):
+        with _run_lock(out, env, device), _torch_settings(cfg.train):
             return Trainer(cfg, out, env, device, resume, progress).run()
     finally:
         distributed.shutdown()
+
+
+@contextlib.contextmanager
+def _run_lock(out: Path, env: distributed.DistEnv, device: torch.device) -> Iterator[None]:
+    """Rank 0 holds RUN_DIR's lock (`lsmfm.io.lock`) for the run; every rank stops if it is refused."""
+    from lsmfm.io import lock
+
+    fd, refused = None, None
+    if env.is_main:
+        try:
+            fd, _ = lock.acquire(out, "lsmfm pretrain")
+        except LsmfmError as exc:
+            refused = exc
+    if distributed.any_rank(refused is not None, device):
+        raise refused or ConfigError(f"{out}: rank 0 could not lock the run folder")
+    try:
+        yield
+    finally:
+        if fd is not None:
+            lock.release(out, fd)
 
 
 def _check_run_dir(cfg: PretrainConfig, out: Path, resume: bool) -> None:

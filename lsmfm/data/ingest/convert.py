@@ -3,8 +3,9 @@
 Everything goes through Dask in chunk-sized pieces, so memory stays bounded whatever the volume size:
 level 0 is written straight from the (lazy) source while the same pass gathers the intensity
 statistics; each coarser level is read back from the level below, pooled and written. The store is
-built as `<out>.partial` with its multiscales metadata written last and renamed when complete, so an
-interrupted or failed ingest never looks finished; a re-run removes the leftover and starts over.
+built as `<out>.partial` under the output's lock (`lsmfm.io.lock`), with its multiscales metadata
+written last, and renamed when complete, so an interrupted or failed ingest never looks finished; a
+re-run removes the (lsmfm-marked) leftover and starts over.
 The layout is documented in `lsmfm.io.omezarr`.
 """
 from __future__ import annotations
@@ -19,7 +20,8 @@ import numpy as np
 
 from lsmfm.errors import InputError
 from lsmfm.io import omezarr
-from lsmfm.io.atomic import replace_dir
+from lsmfm.io.atomic import commit_partial
+from lsmfm.io.lock import output_lock, partial_dir
 from lsmfm.io.volumes import open_volume
 
 PERCENTILES = (0.1, 0.5, 1.0, 2.0, 5.0, 50.0, 95.0, 98.0, 99.0, 99.5, 99.8, 99.9)
@@ -58,14 +60,15 @@ def ingest_array(data: da.Array | np.ndarray, voxel_size: Sequence[float], out: 
                   for name, lab in (labels or {}).items()}
     factors = pyramid_factors(data.shape[1:], voxel, chunk, levels)
     check_target(out, overwrite)
-    partial = out.with_name(out.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    try:
-        _write_store(partial, data, voxel, label_data, factors, chunk, progress, list(sources), where)
-        replace_dir(partial, out)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
+    with output_lock(out, "lsmfm ingest"):
+        check_target(out, overwrite)  # again: another writer may have finished it meanwhile
+        partial = partial_dir(out)
+        try:
+            _write_store(partial, data, voxel, label_data, factors, chunk, progress, list(sources), where)
+            commit_partial(partial, out)
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
     return out
 
 
@@ -175,7 +178,7 @@ def _write_store(path: Path, data: da.Array, voxel: tuple[float, float, float],
     from lsmfm.data.ingest.pyramid import progress_bar, write_pyramid
 
     name = Path(sources[0]).name if sources else path.name.removesuffix(".partial")
-    group = zarr.open_group(str(path), mode="w", zarr_format=3)
+    group = zarr.open_group(str(path), mode="a", zarr_format=3)
     with progress_bar(f"ingest {name}", progress) as bar:
         stats = level0_with_stats(group, data, chunk, PERCENTILES, SAMPLE_VOXELS, bar, where)
         write_pyramid(group, factors, chunk, "mean", bar)
