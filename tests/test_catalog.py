@@ -188,3 +188,88 @@ def test_real_paper_patches_import_and_validate(shared_data, tmp_path):
     rows = validate_catalog(tmp_path / "real.yaml")
     assert [r["status"] for r in rows] == ["ok"] * 3
     assert all(r["shape"] == "96x96x96" and r["voxel_size"].startswith("2x1.8") for r in rows)
+
+
+def _user_things(root: Path) -> dict[str, Path]:
+    """What a user may already have where a catalog points: a plain Zarr array and a folder of files."""
+    import zarr
+
+    array = zarr.create_array(str(root / "stores" / "array.zarr"), shape=(4, 4), dtype="u2")
+    array[:] = 7
+    folder = root / "stores" / "notes.zarr"
+    folder.mkdir(parents=True)
+    (folder / "notes.txt").write_text("mine")
+    collection = root / "stores" / "coll"
+    (collection / "a.zarr").mkdir(parents=True)
+    (collection / "a.zarr" / "keep.txt").write_text("mine too")
+    return {"array": root / "stores" / "array.zarr", "folder": folder, "collection": collection}
+
+
+@pytest.mark.parametrize("which", ["array", "folder", "collection"])
+def test_catalog_ingest_never_replaces_what_lsmfm_did_not_write(tmp_path, which, capsys):
+    (tmp_path / "src").mkdir()
+    write_nifti(tmp_path / "src" / "a.nii.gz", np.arange(16 ** 3, dtype=np.uint16).reshape(16, 16, 16), (1, 1, 1))
+    things = _user_things(tmp_path)
+    source = "src" if which == "collection" else "src/a.nii.gz"
+    cat = write_catalog(tmp_path / "c.yaml", [{"id": "e", "store": str(things[which].relative_to(tmp_path)),
+                                               "source": source, "descriptions": ["t"]}])
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    assert main(["catalog", "ingest", str(cat), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "exists and was not written by lsmfm" in err and len(err.strip().splitlines()) == 1
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before  # nothing touched
+    assert main(["catalog", "ingest", str(cat), "--quiet", "--overwrite"]) == 0  # asked for: replaced
+    image = things[which] / "a.zarr" if which == "collection" else things[which]
+    group, _ = open_image(image)
+    assert group["0"].shape == (1, 16, 16, 16)
+
+
+def test_catalog_ingest_removes_only_lsmfm_leftovers(tmp_path):
+    from lsmfm.io.lock import mark_partial
+
+    write_nifti(tmp_path / "a.nii.gz", np.arange(16 ** 3, dtype=np.uint16).reshape(16, 16, 16), (1, 1, 1))
+    cat = write_catalog(tmp_path / "c.yaml", [{"id": "a", "store": "a.zarr", "source": "a.nii.gz",
+                                               "descriptions": ["t"]}])
+    leftover = tmp_path / "a.zarr.partial"
+    leftover.mkdir()
+    (leftover / "user.txt").write_text("not lsmfm's")
+    with pytest.raises(InputError, match="a.zarr.partial: exists and was not written by lsmfm"):
+        ingest_catalog(cat, progress=False)
+    assert (leftover / "user.txt").read_text() == "not lsmfm's"
+    (leftover / "user.txt").unlink()
+    mark_partial(leftover)  # a killed ingest's own leftover
+    (leftover / "0").mkdir()
+    assert ingest_catalog(cat, progress=False)[0]["written"] == 1
+    assert not leftover.exists() and (tmp_path / "a.zarr" / "0").is_dir()
+
+
+def test_validate_deep_lists_lost_and_corrupt_chunks_by_path(tmp_path, capsys):
+    from lsmfm.data.ingest.convert import ingest_array
+
+    rng = np.random.default_rng(0)
+    vol = rng.integers(0, 1000, (40, 40, 40)).astype(np.uint16)
+    vol[:16, :16, :16] = 0  # an all-zero chunk: stored like any other, never mistaken for a lost one
+    image = ingest_array(vol, (1, 1, 1), tmp_path / "img.zarr", labels={"m": (vol > 500).astype(np.uint8)},
+                         chunk=16, shard=2, progress=False)
+    plain = ingest_array(vol, (1, 1, 1), tmp_path / "plain.zarr", chunk=16, shard=1, progress=False)
+    cat = write_catalog(tmp_path / "c.yaml", [
+        {"id": "img", "store": "img.zarr", "descriptions": ["t"], "labels": "m"},
+        {"id": "plain", "store": "plain.zarr", "descriptions": ["t"]}])
+    assert main(["catalog", "validate", str(cat), "--deep", "--quiet"]) == 0
+    assert "2 of 2 entries ok" in capsys.readouterr().out
+    lost = image / "labels/m/0/c/0/1/0/0"
+    lost.unlink()
+    bad = plain / "0/c/0/1/1/1"
+    bad.write_bytes(b"\x01" * len(bad.read_bytes()))
+    shard = image / "0/c/0/0/0/0"
+    raw = bytearray(shard.read_bytes())
+    raw[5] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+    assert main(["catalog", "validate", str(cat)]) == 0  # the metadata alone looks fine
+    capsys.readouterr()
+    assert main(["catalog", "validate", str(cat), "--deep", "--quiet"]) == 1
+    out = capsys.readouterr().out
+    assert f"  {lost}: missing shard: every chunk of this array was written" in out
+    assert f"  {shard} (inner chunk (0, 0, 0, 0)): corrupt chunk: cannot decompress" in out
+    assert f"  {bad}: corrupt chunk: cannot decompress" in out
+    assert "img: " in out and "2 lost or corrupt chunk(s)" in out and "0 of 2 entries ok" in out

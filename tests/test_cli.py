@@ -20,7 +20,7 @@ from lsmfm.errors import InputError
 REPO = Path(__file__).resolve().parents[1]
 # Every leaf command: (writes files, shows progress). A new command must be added here.
 CONVENTIONS = {
-    ("synth",): (True, True), ("ingest",): (True, True), ("catalog", "validate"): (False, False),
+    ("synth",): (True, True), ("ingest",): (True, True), ("catalog", "validate"): (False, True),
     ("catalog", "ingest"): (True, True), ("catalog", "import-paper"): (True, True), ("stream",): (True, True),
     ("pretrain",): (True, True), ("export",): (True, False), ("finetune", "segment"): (True, True),
     ("finetune", "classify"): (True, True), ("finetune", "deblur"): (True, True), ("predict",): (True, True),

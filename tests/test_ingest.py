@@ -64,9 +64,15 @@ def test_ingest_round_trip_pyramid_labels_and_stats(tiff_pair, tmp_path):
     assert np.array_equal(group["labels/bright/1"][0], label)
     assert group["labels"].attrs["ome"]["labels"] == ["bright"]
     meta = json.loads((out / "0" / "zarr.json").read_text())
-    assert meta["chunk_grid"]["configuration"]["chunk_shape"] == [1, 40, 64, 64]
-    blosc = [c for c in meta["codecs"] if c["name"] == "blosc"][0]["configuration"]
+    assert meta["chunk_grid"]["configuration"]["chunk_shape"] == [1, 40, 192, 192]  # one shard, capped
+    sharding = meta["codecs"][0]
+    assert sharding["name"] == "sharding_indexed"
+    assert sharding["configuration"]["chunk_shape"] == [1, 40, 64, 64]
+    blosc = [c for c in sharding["configuration"]["codecs"] if c["name"] == "blosc"][0]["configuration"]
     assert blosc["cname"] == "zstd"
+    assert meta["attributes"]["lsmfm"]["every_chunk_written"] is True
+    assert sorted(str(p.relative_to(out / "0")) for p in (out / "0").rglob("*") if p.is_file()) == \
+        ["c/0/0/0/0", "zarr.json"]
     stats = group.attrs["lsmfm"]["intensity"][0]
     assert stats["percentiles"]["0.5"] == pytest.approx(np.percentile(vol, 0.5))
     assert stored_percentile(stats, 99.5) == pytest.approx(np.percentile(vol, 99.5))
@@ -112,6 +118,19 @@ def _bad_inputs(folder: Path) -> dict[str, tuple[list[Path], dict, str]]:
     write_nifti(folder / "truncated.nii.gz", vol, VOXEL)
     data = (folder / "truncated.nii.gz").read_bytes()
     (folder / "truncated.nii.gz").write_bytes(data[: len(data) // 2])
+    write_nifti(folder / "zeroed.nii.gz", vol, VOXEL)
+    data = bytearray((folder / "zeroed.nii.gz").read_bytes())
+    middle = len(data) // 2
+    data[middle - 1000:middle + 1000] = bytes(2000)  # 2,000 bytes zeroed mid-stream
+    (folder / "zeroed.nii.gz").write_bytes(bytes(data))
+    nib.save(nib.Nifti1Image(vol.T, np.eye(4)), str(folder / "short.nii"))
+    data = (folder / "short.nii").read_bytes()
+    (folder / "short.nii").write_bytes(data[:-100])
+    for name, writer in [("short_imagej.tif", lambda p: write_tiff(p, vol, VOXEL)),
+                         ("short_pages.tif", lambda p: tifffile.imwrite(p, vol))]:
+        writer(folder / name)
+        data = (folder / name).read_bytes()
+        (folder / name).write_bytes(data[: len(data) * 2 // 3])
     (folder / "garbage.tif").write_text("not a tiff")
     write_tiff(folder / "small_label.tif", np.zeros((20, 30, 39), np.uint8), VOXEL)
     nib.save(nib.Nifti1Image(np.zeros((4, 4, 4, 2, 2), np.float32), np.eye(4)), str(folder / "five_d.nii.gz"))
@@ -121,15 +140,20 @@ def _bad_inputs(folder: Path) -> dict[str, tuple[list[Path], dict, str]]:
         "2d": ([folder / "plane.tif"], {}, "no Z axis"),
         "constant": ([folder / "constant.tif"], {}, "constant volume"),
         "nan": ([folder / "nan.nii.gz"], {}, "NaN/Inf"),
-        "truncated": ([folder / "truncated.nii.gz"], {}, "cannot read"),
+        "truncated": ([folder / "truncated.nii.gz"], {}, "truncated gzip stream"),
+        "zeroed": ([folder / "zeroed.nii.gz"], {}, "corrupt or truncated gzip stream"),
+        "short_nii": ([folder / "short.nii"], {}, "truncated NIfTI: the header needs 48352 bytes, the file "
+                                                  "has 48252"),
+        "short_imagej_tif": ([folder / "short_imagej.tif"], {}, "truncated (or corrupt )?TIFF"),
+        "short_pages_tif": ([folder / "short_pages.tif"], {}, "truncated (or corrupt )?TIFF"),
         "garbage": ([folder / "garbage.tif"], {}, "cannot read tiff"),
         "label_shape": ([ok], {"x": folder / "small_label.tif"}, "label shape"),
         "five_d": ([folder / "five_d.nii.gz"], {}, "expected a 3D NIfTI"),
     }
 
 
-@pytest.mark.parametrize("case", ["missing", "2d", "constant", "nan", "truncated", "garbage", "label_shape",
-                                  "five_d"])
+@pytest.mark.parametrize("case", ["missing", "2d", "constant", "nan", "truncated", "zeroed", "short_nii",
+                                  "short_imagej_tif", "short_pages_tif", "garbage", "label_shape", "five_d"])
 def test_bad_input_names_the_file_and_leaves_nothing(case, tmp_path):
     sources, labels, fragment = _bad_inputs(tmp_path)[case]
     out = tmp_path / "out" / "x.zarr"
@@ -209,7 +233,7 @@ def lazy(n):
 def vm_bytes():
     return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmSize"))
 
-ingest_array(lazy(128), (1, 1, 1), sys.argv[1] + "/warm.zarr", progress=False)  # threads, codecs, imports
+ingest_array(lazy(256), (1, 1, 1), sys.argv[1] + "/warm.zarr", progress=False, shard=2)  # threads, codecs
 limit = vm_bytes() + 128 * 2**20
 resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 big = lazy(512)
@@ -218,13 +242,14 @@ try:
     raise SystemExit("the limit is too loose: the whole volume fits")
 except MemoryError:
     pass
-ingest_array(big, (2.0, 1.0, 1.0), sys.argv[1] + "/big.zarr", progress=False)
+ingest_array(big, (2.0, 1.0, 1.0), sys.argv[1] + "/big.zarr", progress=False, shard=2)
 print("ok", big.nbytes)
 """
 
 
 def test_larger_than_memory_volume_converts(tmp_path):
-    """A 256 MiB lazy volume ingests with address space limited to 128 MiB over the warmed-up process."""
+    """A 256 MiB lazy volume ingests with address space limited to 128 MiB over the warmed-up process:
+    memory follows the shard (here 128³ voxels, 4 MiB), not the volume."""
     result = subprocess.run([sys.executable, "-c", BOUNDED, str(tmp_path)], cwd=REPO, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -289,3 +314,91 @@ def test_ingest_refuses_while_another_writer_holds_the_output(tiff_pair, tmp_pat
     err = capsys.readouterr().err
     assert f"busy.zarr: in use by lsmfm ingest (pid {os.getpid()}" in err and len(err.splitlines()) == 1
     assert not out.exists() and not (tmp_path / "busy.zarr.partial").exists()
+
+
+def _ome_zarr_py_store(path: Path, vol: np.ndarray) -> Path:
+    """An NGFF 0.5 image written by ome-zarr-py itself (zarr's defaults: empty chunks are not stored)."""
+    from ome_zarr.writer import write_image
+
+    write_image(vol[None], zarr.open_group(str(path), mode="w"), axes="czyx",
+                storage_options={"chunks": (1, 16, 16, 16)})
+    return path
+
+
+def test_foreign_ome_zarr_empty_chunks_ingest_and_a_lost_chunk_is_named(tmp_path):
+    rng = np.random.default_rng(3)
+    vol = rng.integers(1, 3000, (32, 64, 64)).astype(np.uint16)
+    vol[:, :32, :32] = 0  # four legitimately empty (unstored) chunks per z slab
+    src = _ome_zarr_py_store(tmp_path / "src.zarr", vol)
+    level0 = src / "s0"
+    stored = sorted(p for p in (level0 / "c").rglob("*") if p.is_file())
+    assert len(stored) == 2 * 4 * 4 - 2 * 2 * 2  # the empty ones are absent
+    group, _ = open_image(ingest(src, tmp_path / "ok.zarr", progress=False))
+    np.testing.assert_array_equal(group["0"][0], vol)
+    lost = level0 / "c/0/1/3/3"
+    lost.unlink()
+    with pytest.raises(InputError, match=f"{lost}: missing chunk: the coarser level 's1' holds data"):
+        ingest(src, tmp_path / "bad.zarr", progress=False)
+    assert not (tmp_path / "bad.zarr").exists() and not (tmp_path / "bad.zarr.partial").exists()
+
+
+def test_a_lost_chunk_of_an_lsmfm_store_used_as_a_source_is_named(tiff_pair, tmp_path):
+    first = ingest(tiff_pair[0], tmp_path / "first.zarr", progress=False, shard=1)
+    lost = first / "0/c/0/0/1/1"
+    lost.unlink()
+    with pytest.raises(InputError, match=f"{lost}: missing chunk: every chunk of this array was written"):
+        ingest(first, tmp_path / "second.zarr", progress=False)
+
+
+def test_a_full_disk_names_the_output_not_the_source(tiff_pair, tmp_path, monkeypatch, capsys):
+    import errno
+
+    from zarr.storage import LocalStore
+
+    async def full(self, key, value, *args, **kwargs):
+        if key.startswith("c/") or "/c/" in key:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return await real(self, key, value, *args, **kwargs)
+
+    real = LocalStore.set
+    monkeypatch.setattr(LocalStore, "set", full)
+    out = tmp_path / "full.zarr"
+    assert main(["ingest", str(tiff_pair[0]), "--out", str(out), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert f"{out}: cannot write: No space left on device (" in err and "GiB free" in err
+    assert str(tiff_pair[0]) not in err and len(err.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def _tree(store: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(store)): p.read_bytes() for p in sorted(store.rglob("*")) if p.is_file()}
+
+
+def test_ingest_on_a_dask_cluster_writes_the_local_store(tiff_pair, tmp_path, capsys):
+    """A LocalCluster of 2 worker processes (what --dask-address does with a remote one): every file of
+    the store is the same as with local threads, byte for byte, also the zero-only chunks."""
+    src, lab, vol = tiff_pair
+    local = ingest(src, tmp_path / "local.zarr", labels={"bright": lab}, progress=False, shard=2)
+    args = ["ingest", str(src), "--out", str(tmp_path / "cluster.zarr"), "--label", f"bright={lab}",
+            "--shard", "2", "--workers", "2", "--quiet"]
+    assert main(args) == 0
+    assert _tree(tmp_path / "cluster.zarr") == _tree(local)
+    assert len([k for k in _tree(local) if "/c/" in k]) > 10
+
+
+def test_slurm_cluster_recipe_builds_its_worker_jobs(tmp_path):
+    """slurm/ingest_cluster.py: the SLURMCluster's worker job script (nothing is submitted before scale)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ingest_cluster", REPO / "slurm" / "ingest_cluster.py")
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    args, rest = recipe.parse(["--cores", "8", "--memory", "32GB", "--partition", "cpu", "--logs",
+                               str(tmp_path), "--", "brain.tif", "--out", "brain.zarr"])
+    assert rest == ["brain.tif", "--out", "brain.zarr"]
+    with recipe.make_cluster(args) as cluster:
+        script = cluster.job_script()
+    assert "#SBATCH -p cpu" in script and "#SBATCH --mem=30G" in script
+    assert "--nworkers 8" in script and "--nthreads 1" in script
+    with pytest.raises(SystemExit, match="usage"):
+        recipe.parse(["brain.tif"])

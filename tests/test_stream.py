@@ -255,26 +255,28 @@ def test_real_data_streams_with_text(shared_data, tmp_path):
     assert len(seen) >= 4  # 24 draws over 5 equally weighted sources
 
 
-def test_chunk_reader_matches_zarr(tmp_path):
-    import zarr
-    from zarr.codecs import BloscCodec
-
-    from lsmfm.data.stream.chunk_reader import ChunkReader, open_reader
-
-    rng = np.random.default_rng(0)
-    data = rng.integers(0, 60000, (2, 21, 30, 17)).astype(np.uint16)
-    data[:, :8, :8, :8] = 7  # a chunk holding only the fill value is not written
-    arr = zarr.create_array(str(tmp_path / "a"), shape=data.shape, chunks=(1, 8, 8, 8), dtype="u2",
-                            fill_value=7, compressors=BloscCodec(cname="zstd", shuffle="bitshuffle"))
-    arr[:] = data
-    reader = open_reader(tmp_path / "a")
-    assert isinstance(reader, ChunkReader) and not (tmp_path / "a" / "c" / "0" / "0" / "0" / "0").exists()
-    for index in [(1, slice(0, 21), slice(0, 30), slice(0, 17)), (0, slice(3, 12), slice(7, 25), slice(5, 6)),
-                  (0, slice(0, 9), slice(0, 9), slice(0, 9)),
-                  (slice(0, 2), slice(20, 21), slice(1, 2), slice(16, 17))]:
-        np.testing.assert_array_equal(reader[index], data[index])
-    as_float = reader.read((0, slice(3, 12), slice(7, 25), slice(5, 17)), np.float32)
-    assert as_float.dtype == np.float32
-    assert np.array_equal(as_float, data[0, 3:12, 7:25, 5:17].astype(np.float32))
-    zarr.create_array(str(tmp_path / "b"), shape=(4, 4), chunks=(2, 2), dtype="f4", compressors=None)
-    assert isinstance(open_reader(tmp_path / "b"), zarr.Array)  # other layouts read through zarr
+@pytest.mark.parametrize("fault", ["deleted", "corrupt"])
+def test_a_lost_or_corrupt_chunk_stops_the_stream_naming_its_file(tmp_path, capsys, fault):
+    """Not fill values, not 'error during blosc decompression': the chunk's path, in one line, also from
+    DataLoader workers and the CLI."""
+    store = ingest_array(_half_bright(), (2.0, 1.0, 1.0), tmp_path / "s.zarr", chunk=16, shard=1,
+                         progress=False)
+    catalog = write_catalog(tmp_path / "c.yaml", [{"id": "s", "store": "s.zarr", "descriptions": ["t"]}])
+    chunks = sorted((store / "0" / "c").rglob("*"))
+    files = [p for p in chunks if p.is_file()]
+    assert len(files) == 27  # 48³ in 16³ chunks: every chunk stored
+    if fault == "deleted":
+        for f in files:
+            f.unlink()
+    else:
+        for f in files:
+            f.write_bytes(b"\0" * len(f.read_bytes()))
+    expected = "missing chunk: every chunk of this array was written" if fault == "deleted" else \
+        "corrupt chunk: cannot decompress"
+    cfg = StreamConfig(catalogs=[str(catalog)], patch_size=[16, 16, 16])
+    with pytest.raises(InputError, match=f"{store / '0' / 'c'}/0/\\d+/\\d+/\\d+: {expected}"):
+        next(iter(make_loader(cfg, batch_size=2, num_workers=2)))
+    assert main(["stream", "--catalog", str(catalog), "--patch", "16", "--workers", "1", "--n", "1"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and err.splitlines()[-1].startswith("lsmfm stream: error: ")
+    assert expected in err.splitlines()[-1] and str(store / "0" / "c") in err

@@ -12,9 +12,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     p = sub.add_parser("validate", help="check every entry and print a table (exit 1 if any is bad)")
     p.add_argument("catalog", type=Path)
+    p.add_argument("--deep", action="store_true",
+                   help="also read every chunk: list lost and corrupt chunks by path (reads all the data)")
+    add_quiet(p)
     p = sub.add_parser("ingest", help="ingest the missing stores of a catalog from their sources")
     p.add_argument("catalog", type=Path)
     add_overwrite(p, "stores that already exist (re-ingest them)")
+    p.add_argument("--shard", type=int, default=4, help="chunks per shard side (default 4; 1: a file per chunk)")
     add_quiet(p)
     p = sub.add_parser("import-paper", help="catalog the LSM foundation model paper's patches + prompts")
     p.add_argument("root", type=Path, help="folder of <volume>/input/*.nii.gz")
@@ -42,12 +46,15 @@ def run(args: argparse.Namespace) -> int:
 def _validate(args: argparse.Namespace) -> int:
     from lsmfm.data.catalog.entries import validate_catalog
 
-    rows = validate_catalog(args.catalog)
+    rows = validate_catalog(args.catalog, deep=args.deep, progress=args.deep and not args.quiet)
     bad = [r for r in rows if r["status"] != "ok"]
     table = [{**r, "status": "ok" if r["status"] == "ok" else "BAD"} for r in rows]
-    print(format_rows(table, ["id", "images", "shape", "voxel_size", "descriptions", "status"]))
+    columns = ["id", "images", "shape", "voxel_size", "descriptions"] + (["chunks"] if args.deep else [])
+    print(format_rows(table, columns + ["status"]))
     for r in bad:
         print(f"{r['id']}: {r['status']}")
+        for problem in r.get("problems", []):
+            print(f"  {problem}")
     summary = f"{len(rows) - len(bad)} of {len(rows)} entries ok"
     print(summary + (f"; {len(bad)} need attention" if bad else ""))
     return 1 if bad else 0
@@ -56,7 +63,7 @@ def _validate(args: argparse.Namespace) -> int:
 def _ingest(args: argparse.Namespace) -> int:
     from lsmfm.data.catalog.materialize import ingest_catalog
 
-    rows = ingest_catalog(args.catalog, overwrite=args.overwrite, progress=not args.quiet)
+    rows = ingest_catalog(args.catalog, overwrite=args.overwrite, progress=not args.quiet, shard=args.shard)
     print(format_rows(rows, ["id", "written", "kept", "store"]))
     return 0
 

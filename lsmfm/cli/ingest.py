@@ -14,6 +14,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--label", action="append", default=[], metavar="NAME=PATH",
                         help="a label image stored as labels/NAME (repeatable)")
     parser.add_argument("--chunk", type=int, default=64, help="chunk side in voxels (default 64)")
+    parser.add_argument("--shard", type=int, default=4,
+                        help="chunks per shard side: one file per shard (default 4: 256³ voxels per file, "
+                             "capped at the volume; 1: one file per chunk); each task holds a shard in memory")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="run on a dask.distributed LocalCluster of N worker processes (default: threads)")
+    parser.add_argument("--dask-address", default=None, metavar="ADDRESS",
+                        help="run on an existing Dask cluster, e.g. tcp://host:8786 (slurm/ingest.sbatch)")
     parser.add_argument("--levels", type=int, default=None,
                         help="pyramid levels (default: >= 2, until a level fits in one chunk)")
     add_overwrite(parser, "an existing store")
@@ -34,12 +41,14 @@ def parse_labels(items: list[str]) -> dict[str, Path]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from lsmfm.data.ingest.cluster import dask_client
     from lsmfm.data.ingest.convert import ingest
     from lsmfm.io.omezarr import open_image
 
     check_output(args.out, overwrite=None, kind="store")  # ingest decides about existing stores
-    out = ingest(args.sources, args.out, labels=parse_labels(args.label), chunk=args.chunk,
-                 levels=args.levels, overwrite=args.overwrite, progress=not args.quiet)
+    with dask_client(args.dask_address, args.workers):
+        out = ingest(args.sources, args.out, labels=parse_labels(args.label), chunk=args.chunk,
+                     levels=args.levels, overwrite=args.overwrite, progress=not args.quiet, shard=args.shard)
     group, ms = open_image(out)
     shapes = ", ".join("x".join(map(str, group[p].shape)) for p in ms.paths)
     voxel = "x".join(f"{v:g}" for v in ms.voxel_sizes[0])

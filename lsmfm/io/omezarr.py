@@ -6,8 +6,10 @@ Layout written by `lsmfm ingest` (NGFF 0.5 on Zarr v3):
                                     {"0.1": v, "0.5": v, "1": v, ..., "99.5": v, "99.8": v, "99.9": v},
                                     "min", "max", "mean", "std"}], "sources": [...], "channel_names": [...],
                                     "provenance": {"lsmfm_version", "git_commit", "git_dirty"}}
-    STORE.zarr/0, 1, ...        pyramid levels, axes (c, z, y, x), level 0 at full resolution; chunks
-                                (1, 64, 64, 64), blosc-zstd; each level halves the finest axes (mean)
+    STORE.zarr/0, 1, ...        pyramid levels, axes (c, z, y, x), level 0 at full resolution; inner
+                                chunks (1, 64, 64, 64), blosc-zstd, in shards of 4³ chunks (one file per
+                                shard, capped at the level's extent); every chunk stored; each level halves
+                                the finest axes (mean)
     STORE.zarr/labels/zarr.json attributes["ome"]["labels"] = [names]
     STORE.zarr/labels/<name>/   NGFF label image (c = 1) with the same pyramid (max pooling)
 Scale transformations are in micrometres; pooled levels also carry the half-voxel translation.
@@ -27,6 +29,8 @@ from lsmfm.errors import InputError
 from lsmfm.io.units import unit_factor
 
 NGFF_VERSION = "0.5"
+SHARD_CHUNKS = 4  # chunks per shard along each axis: 4³ 64³-chunks (256³ voxels) per file
+WRITE_CONFIG = {"write_empty_chunks": True}
 
 
 @dataclass
@@ -104,17 +108,49 @@ def multiscales_metadata(name: str, voxel_size: tuple[float, float, float],
     datasets = [{"path": str(i), "coordinateTransformations": tr}
                 for i, tr in enumerate(level_transforms(voxel_size, factors))]
     return {"name": name, "axes": axes, "datasets": datasets, "type": method,
-            "metadata": {"method": f"lsmfm ingest: {method} over {factors}"}}
+            "metadata": {"method": f"lsmfm: {method} pooling by {factors}"}}
 
 
-def create_level(group: Any, path: str, shape: tuple[int, ...], dtype: Any, chunk: int) -> Any:
-    """An empty pyramid level: chunks (1, chunk, chunk, chunk), blosc-zstd with bit shuffle."""
+def level_shards(shape: tuple[int, ...], chunk: int, shard: int) -> tuple[tuple[int, ...], tuple[int, ...] | None]:
+    """(inner chunk shape, shard shape or None) of a (c, z, y, x) level: chunks of `chunk` voxels and
+    shards of `shard` chunks per axis, both capped at the array's extent (`shard` <= 1: no sharding)."""
+    chunks = (1,) + tuple(min(chunk, int(s)) for s in shape[1:])
+    if shard <= 1:
+        return chunks, None
+    return chunks, (1,) + tuple(min(c * shard, -(-int(s) // c) * c) for c, s in zip(chunks[1:], shape[1:]))
+
+
+def create_level(group: Any, path: str, shape: tuple[int, ...], dtype: Any, chunk: int,
+                 shard: int = SHARD_CHUNKS) -> Any:
+    """An empty pyramid level: inner chunks (1, chunk, chunk, chunk), blosc-zstd with bit shuffle, in
+    shards of `shard`³ chunks (see `level_shards`). Every chunk is stored, also one holding only the
+    fill value, and the array says so (`lsmfm.io.chunks`): an absent chunk is then a lost one."""
     from zarr.codecs import BloscCodec
 
-    chunks = (1,) + tuple(min(chunk, int(s)) for s in shape[1:])
-    return group.create_array(path, shape=tuple(int(s) for s in shape), chunks=chunks, dtype=dtype,
-                              compressors=BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle"),
-                              dimension_names=["c", "z", "y", "x"], fill_value=0)
+    from lsmfm.io.chunks import EVERY_CHUNK_WRITTEN
+
+    chunks, shards = level_shards(shape, chunk, shard)
+    return group.create_array(path, shape=tuple(int(s) for s in shape), chunks=chunks, shards=shards,
+                              dtype=dtype, compressors=BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle"),
+                              dimension_names=["c", "z", "y", "x"], fill_value=0,
+                              attributes={"lsmfm": {EVERY_CHUNK_WRITTEN: True}}, config=WRITE_CONFIG)
+
+
+def open_level(path: str | Path, mode: str = "r+") -> Any:
+    """Reopen a level for writing with the config it was created with (every chunk stored)."""
+    import zarr
+
+    return zarr.open_array(str(path), mode=mode).with_config(WRITE_CONFIG)  # open_array drops `config`
+
+
+def local_path(node: Any) -> Path:
+    """The folder of a zarr group or array in a local store (every store lsmfm writes)."""
+    return Path(node.store.root) / node.path
+
+
+def write_unit(array: Any) -> tuple[int, ...]:
+    """The region one writer must own whole: the shard of a sharded array, else the chunk."""
+    return tuple(array.shards or array.chunks)
 
 
 def write_ome(group: Any, ome: dict[str, Any], extra: dict[str, Any] | None = None) -> None:

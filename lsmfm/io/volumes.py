@@ -6,15 +6,21 @@ know the file format. Data is not read until computed.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
+import math
+import os
 import re
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import dask.array as da
 import numpy as np
 
 from lsmfm.errors import InputError
+from lsmfm.io.chunk_reader import Reopened, as_dask
 from lsmfm.io.units import unit_factor
 
 TIFF_SUFFIXES = (".tif", ".tiff")
@@ -110,14 +116,59 @@ def _open_tiff(path: Path) -> Volume:
     import tifffile
     import zarr
 
-    with tifffile.TiffFile(path) as tif:
+    with _tifffile_problems() as problems, tifffile.TiffFile(path) as tif:
         series = tif.series[0]
         axes = series.axes
         voxel = _tiff_voxel_size(tif)
-    store = tifffile.imread(path, aszarr=True)
-    arr = da.from_array(store) if isinstance(store, np.ndarray) else da.from_zarr(zarr.open(store, mode="r"))
-    data = _to_czyx(arr, axes, path)
-    return Volume(data, voxel, str(path))
+        _check_tiff_extent(tif, series, path, problems)
+    with tifffile.imread(path, aszarr=True) as store:
+        arr = zarr.open(store, mode="r")
+        shape, dtype, chunks = arr.shape, arr.dtype, arr.chunks
+    data = da.from_array(_TiffArray(path, shape, dtype), chunks=chunks, asarray=True, fancy=False,
+                         meta=np.empty((0,) * len(shape), dtype))
+    return Volume(_to_czyx(data, axes, path), voxel, str(path))
+
+
+class _TiffArray(Reopened):
+    def _open(self):
+        import tifffile
+        import zarr
+
+        return zarr.open(tifffile.imread(self.path, aszarr=True), mode="r")
+
+
+@contextlib.contextmanager
+def _tifffile_problems() -> Iterator[list[str]]:
+    """Collect what tifffile logs while parsing (a broken page chain is only logged, then the pages
+    read so far look like a complete, shorter file)."""
+    problems: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            problems.append(record.getMessage())
+
+    handler, logger = Collect(logging.WARNING), logging.getLogger("tifffile")
+    logger.addHandler(handler)
+    try:
+        yield problems
+    finally:
+        logger.removeHandler(handler)
+
+
+def _check_tiff_extent(tif, series, path: Path, problems: list[str]) -> None:
+    """A truncated TIFF: its data needs more bytes than the file has, or its page chain breaks."""
+    size = os.path.getsize(path)
+    end = max((o + c for page in tif.pages if page is not None
+               for o, c in zip(getattr(page, "dataoffsets", ()), getattr(page, "databytecounts", ()))),
+              default=0)
+    if series.dataoffset is not None:
+        end = max(end, series.dataoffset + series.nbytes)
+    if end > size:
+        raise InputError(path, f"truncated TIFF: its image data needs {end} bytes, the file has {size}")
+    broken = [p for p in problems if "invalid page offset" in p or "corrupted" in p]
+    if broken:
+        raise InputError(path, f"truncated or corrupt TIFF: its page list breaks after {len(tif.pages)} "
+                               f"page(s) ({broken[-1].split('> ')[-1]})")
 
 
 def _to_czyx(arr: da.Array, axes: str, path: Path) -> da.Array:
@@ -180,21 +231,72 @@ def _ome_voxel_size(xml: str) -> tuple[float, float, float] | None:
 
 
 def _open_nifti(path: Path) -> Volume:
-    """NIfTI lazily; uncompressed files in z-slabs (cheap seeks), gzipped ones whole (gzip cannot seek)."""
+    """NIfTI lazily; uncompressed files in z-slabs (cheap seeks), gzipped ones whole (gzip cannot seek),
+    each checked against its header first (size; gzip length, and the CRC when the data is read)."""
     import nibabel as nib
 
     img = nib.load(str(path))
     shape = img.shape
     if len(shape) not in (3, 4):
         raise InputError(path, f"expected a 3D NIfTI volume (optionally with channels), got shape {shape}")
-    chunks = -1 if str(path).lower().endswith(".gz") else (-1, -1, 64) + (-1,) * (len(shape) - 3)
-    arr = da.from_array(img.dataobj, chunks=chunks, asarray=True, fancy=False,
-                        meta=np.empty((0,) * len(shape), dtype=img.get_data_dtype()))
+    dtype = img.get_data_dtype()
+    needed = int(img.dataobj.offset) + math.prod(shape) * dtype.itemsize
+    meta = np.empty((0,) * len(shape), dtype=dtype)
+    if str(path).lower().endswith(".gz"):
+        _check_gzip_length(path, needed)
+        arr = da.from_array(_NiftiGz(path, shape, meta.dtype), chunks=-1, asarray=True, fancy=False, meta=meta)
+    else:
+        size = os.path.getsize(path)
+        if size < needed:
+            raise InputError(path, f"truncated NIfTI: the header needs {needed} bytes, the file has {size}")
+        chunks = (-1, -1, 64) + (-1,) * (len(shape) - 3)
+        arr = da.from_array(img.dataobj, chunks=chunks, asarray=True, fancy=False, meta=meta)
     if arr.ndim == 4:
         arr = arr[..., 0] if arr.shape[3] == 1 else arr.transpose(3, 0, 1, 2)
     spatial_axes = arr.ndim - 3
     arr = arr.transpose(tuple(range(spatial_axes)) + tuple(reversed(range(spatial_axes, arr.ndim))))
     return Volume(arr, _nifti_voxel_size(img), str(path))
+
+
+def _check_gzip_length(path: Path, needed: int) -> None:
+    """The gzip trailer's length (mod 2^32) must match the header's data size; when it does not (a
+    truncated file, or a multi-member gzip), decompress it all now, which says which it is."""
+    with open(path, "rb") as fh:
+        fh.seek(-4, os.SEEK_END)
+        isize = int.from_bytes(fh.read(4), "little")
+    if isize != needed % 2**32:
+        _NiftiGz.decompress(path, needed)
+
+
+class _NiftiGz(Reopened):
+    """A gzipped NIfTI, decompressed whole on each read with its gzip CRC and length checked (nibabel
+    alone reads only the header's data size, so a corrupt or truncated stream passes unnoticed)."""
+
+    def _open(self):
+        return self
+
+    def _read(self, source, index: tuple) -> np.ndarray:
+        import nibabel as nib
+
+        img = nib.load(self.path)
+        needed = int(img.dataobj.offset) + math.prod(img.shape) * img.get_data_dtype().itemsize
+        whole = type(img).from_bytes(self.decompress(self.path, needed))
+        return np.asanyarray(whole.dataobj[index])
+
+    @staticmethod
+    def decompress(path: str | Path, needed: int) -> bytes:
+        import gzip
+        import zlib
+
+        try:
+            with gzip.open(path, "rb") as fh:
+                data = fh.read()
+        except (OSError, EOFError, zlib.error) as exc:  # BadGzipFile (CRC, length) is an OSError
+            raise InputError(path, f"corrupt or truncated gzip stream: {exc}") from exc
+        if len(data) < needed:
+            raise InputError(path, f"truncated NIfTI: the header needs {needed} bytes, the stream has "
+                                   f"{len(data)}")
+        return data
 
 
 def _nifti_voxel_size(img) -> tuple[float, float, float]:
@@ -238,16 +340,17 @@ def _read_plane(path: Path, shape: tuple[int, ...]) -> np.ndarray:
 
 
 def _open_zarr(path: Path) -> Volume:
-    """A plain Zarr array (unit voxels) or an NGFF image's level 0, with (t,) c, z, y, x axes in any order."""
+    """A plain Zarr array (unit voxels) or an NGFF image's level 0, with (t,) c, z, y, x axes in any
+    order, read through `lsmfm.io.chunk_reader` in units of the array's stored objects (shards)."""
     import zarr
 
     node = zarr.open(str(path), mode="r")
     if isinstance(node, zarr.Array):
-        return Volume(da.from_zarr(node), (1.0, 1.0, 1.0), str(path))
+        return Volume(_zarr_dask(path, node), (1.0, 1.0, 1.0), str(path))
     from lsmfm.io.omezarr import read_multiscales
 
     ms = read_multiscales(node, path)
-    arr = da.from_zarr(node[ms.paths[0]])
+    arr = _zarr_dask(path / ms.paths[0], node[ms.paths[0]], _witness(path, node, ms))
     axes = list(ms.axes) if len(ms.axes) == arr.ndim else list("czyx"[-arr.ndim:])
     for extra in [a for a in axes if a not in "czyx"]:
         i = axes.index(extra)
@@ -255,3 +358,19 @@ def _open_zarr(path: Path) -> Volume:
             raise InputError(path, f"axis {extra!r} has size {arr.shape[i]}; only (c, z, y, x) images work")
         arr, axes = arr[(slice(None),) * i + (0,)], axes[:i] + axes[i + 1:]
     return Volume(arr.transpose([axes.index(a) for a in "czyx" if a in axes]), ms.voxel_sizes[0], str(path))
+
+
+def _zarr_dask(path: Path, array, witness: tuple[str, tuple[int, ...]] | None = None) -> da.Array:
+    return as_dask(path, array.shape, array.dtype, tuple(getattr(array, "shards", None) or array.chunks),
+                   witness)
+
+
+def _witness(path: Path, node, ms) -> tuple[str, tuple[int, ...]] | None:
+    """Level 1 and its integer pooling factors per axis, to tell lost level-0 chunks from empty ones."""
+    if len(ms.paths) < 2:
+        return None
+    fine, coarse = node[ms.paths[0]].shape, node[ms.paths[1]].shape
+    factors = tuple(max(1, round(f / c)) for f, c in zip(fine, coarse))
+    if any(f // k != c for f, k, c in zip(fine, factors, coarse)):
+        return None  # not a plain integer pooling: it cannot witness
+    return str(path / ms.paths[1]), factors

@@ -43,19 +43,14 @@ def _write_nifti(array: np.ndarray, patch: Patch, target: Path) -> None:
 
 
 def _write_zarr(array: np.ndarray, patch: Patch, target: Path) -> None:
-    """A one-level NGFF 0.5 image (axes c, z, y, x; scale in micrometres)."""
+    """A one-level NGFF 0.5 image (axes c, z, y, x; scale in micrometres), laid out as every lsmfm store."""
     import zarr
 
-    from lsmfm.io.omezarr import write_ome
+    from lsmfm.io.omezarr import create_level, multiscales_metadata, write_ome
 
     data = array if array.ndim == 4 else array[None]
-    axes = [{"name": "c", "type": "channel"}]
-    axes += [{"name": a, "type": "space", "unit": "micrometer"} for a in "zyx"]
-    multiscales = [{"version": "0.5", "name": target.name, "axes": axes, "datasets": [{
-        "path": "0", "coordinateTransformations": [{"type": "scale", "scale": [1.0, *patch.voxel_size]}]}]}]
     with atomic_dir(target, overwrite=True) as tmp:
-        group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
-        level = group.create_array("0", shape=data.shape, dtype=data.dtype,
-                                   chunks=(1,) + tuple(min(s, 64) for s in data.shape[1:]))
-        level[...] = data
-        write_ome(group, {"multiscales": multiscales}, {"lsmfm": {"prediction_of": str(patch.path)}})
+        group = zarr.open_group(str(tmp), mode="a", zarr_format=3)  # "w" would drop atomic_dir's marker
+        create_level(group, "0", data.shape, data.dtype, 64)[...] = data
+        write_ome(group, {"multiscales": [multiscales_metadata(target.name, tuple(patch.voxel_size), [], "none")]},
+                  {"lsmfm": {"prediction_of": str(patch.path)}})

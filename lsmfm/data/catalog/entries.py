@@ -185,18 +185,35 @@ def relative_to(target: str | Path, folder: str | Path) -> str:
     return Path(os.path.relpath(Path(target).resolve(), Path(folder).resolve())).as_posix()
 
 
-def validate_catalog(path: str | Path) -> list[dict[str, Any]]:
-    """One row per entry: id, images, shape, voxel size (µm), #descriptions, status ('ok' or the problem)."""
+def validate_catalog(path: str | Path, deep: bool = False, progress: bool = False) -> list[dict[str, Any]]:
+    """One row per entry: id, images, shape, voxel size (µm), #descriptions, status ('ok' or the problem).
+
+    `deep` also reads every chunk of every image and label image (`lsmfm.io.check`): the row's
+    `problems` lists each lost or corrupt chunk by path, and `chunks` counts those read."""
     rows = []
     for entry in load_catalog(path):
         row: dict[str, Any] = {"id": entry.id, "images": 0, "shape": "-", "voxel_size": "-",
                                "descriptions": len(entry.descriptions), "status": "ok"}
         try:
             _check_entry(entry, row)
+            if deep:
+                _check_chunks(entry, row, progress)
         except InputError as exc:
             row["status"] = str(exc)
         rows.append(row)
     return rows
+
+
+def _check_chunks(entry: CatalogEntry, row: dict[str, Any], progress: bool) -> None:
+    from lsmfm.io.check import check_store, summarize
+
+    stores = list(dict.fromkeys(p for image in entry.images() for p in (image, entry.label_path(image))
+                                if p is not None and not str(p).startswith(str(image) + os.sep)))
+    totals = summarize([c for store in stores for c in check_store(store, progress)])
+    row["chunks"], row["problems"] = totals["chunks"], totals["problems"]
+    if totals["problems"]:
+        raise InputError(entry.store_path, f"{len(totals['problems'])} lost or corrupt chunk(s) of "
+                                           f"{totals['chunks']} (listed below)")
 
 
 def _check_entry(entry: CatalogEntry, row: dict[str, Any]) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 
 from lsmfm.data.catalog.entries import collection_sources, load_catalog, relative_to, write_catalog
 from lsmfm.errors import InputError
+from lsmfm.io.omezarr import SHARD_CHUNKS
 from lsmfm.io.volumes import open_volume
 
 PAPER_CITATION = "LSM foundation model, arXiv 2605.26026"
@@ -99,7 +100,7 @@ def paper_entries(root: str | Path, prompts: str | Path, stores: str | Path, cat
 
 def import_paper(root: str | Path, prompts: str | Path, stores: str | Path, out: str | Path,
                  ingest: bool = True, licence: str = "MIT", citation: str = PAPER_CITATION,
-                 progress: bool = True) -> Path:
+                 progress: bool = True, shard: int = SHARD_CHUNKS) -> Path:
     """Write a catalog for the paper's layout at `out` and (unless `ingest=False`) ingest every patch."""
     entries = paper_entries(root, prompts, stores, out)
     here = Path(out).resolve().parent
@@ -115,7 +116,7 @@ def import_paper(root: str | Path, prompts: str | Path, stores: str | Path, out:
                            header=header)
     try:
         for entry in load_catalog(staged):
-            ingest_entry(entry, progress=progress)
+            ingest_entry(entry, progress=progress, shard=shard)
         staged.replace(out)
     finally:
         staged.unlink(missing_ok=True)

@@ -1,12 +1,13 @@
 """Convert volumes (TIFF, OME-TIFF, NIfTI, TIFF plane folders, Zarr) into one OME-Zarr image.
 
-Everything goes through Dask in chunk-sized pieces, so memory stays bounded whatever the volume size:
-level 0 is written straight from the (lazy) source while the same pass gathers the intensity
-statistics; each coarser level is read back from the level below, pooled and written. The store is
-built as `<out>.partial` under the output's lock (`lsmfm.io.lock`), with its multiscales metadata
-written last, and renamed when complete, so an interrupted or failed ingest never looks finished; a
-re-run removes the (lsmfm-marked) leftover and starts over.
-The layout is documented in `lsmfm.io.omezarr`.
+Everything goes through Dask in shard-sized pieces (one task per output file), so memory stays bounded
+whatever the volume size: level 0 is written straight from the (lazy) source while the same pass gathers
+the intensity statistics; each coarser level is read back from the level below, pooled and written. The
+tasks run on local threads, or on a `dask.distributed` cluster when a client is active (`lsmfm ingest
+--workers N / --dask-address`): the same graph, so the same store. The store is built as
+`<out>.partial` under the output's lock (`lsmfm.io.lock`), its multiscales metadata written last and
+renamed when complete, so an interrupted or failed ingest never looks finished; a re-run removes the
+leftover and starts over. The layout is documented in `lsmfm.io.omezarr`.
 """
 from __future__ import annotations
 
@@ -18,10 +19,11 @@ from typing import Any, Mapping, Sequence
 import dask.array as da
 import numpy as np
 
-from lsmfm.errors import InputError
+from lsmfm.errors import InputError, LsmfmError
 from lsmfm.io import omezarr
-from lsmfm.io.atomic import commit_partial
+from lsmfm.io.atomic import commit_partial, disk_error
 from lsmfm.io.lock import output_lock, partial_dir
+from lsmfm.io.omezarr import SHARD_CHUNKS
 from lsmfm.io.volumes import open_volume
 
 PERCENTILES = (0.1, 0.5, 1.0, 2.0, 5.0, 50.0, 95.0, 98.0, 99.0, 99.5, 99.8, 99.9)
@@ -30,7 +32,7 @@ SAMPLE_VOXELS = 2_000_000  # per channel, for the percentiles
 
 def ingest(sources: str | Path | Sequence[str | Path], out: str | Path,
            labels: Mapping[str, str | Path] | None = None, chunk: int = 64, levels: int | None = None,
-           overwrite: bool = False, progress: bool = True) -> Path:
+           overwrite: bool = False, progress: bool = True, shard: int = SHARD_CHUNKS) -> Path:
     """Ingest one image (several `sources` are its channels) and optional label images into `out`."""
     paths = [Path(sources)] if isinstance(sources, (str, Path)) else [Path(s) for s in sources]
     if not paths:
@@ -42,18 +44,21 @@ def ingest(sources: str | Path | Sequence[str | Path], out: str | Path,
     data, voxel_size = _open_channels(paths)
     label_data = {name: _open_label(Path(p), data.shape[1:]) for name, p in (labels or {}).items()}
     return ingest_array(data, voxel_size, out, labels=label_data, chunk=chunk, levels=levels,
-                        overwrite=overwrite, progress=progress, sources=[str(p) for p in paths])
+                        overwrite=overwrite, progress=progress, sources=[str(p) for p in paths], shard=shard)
 
 
 def ingest_array(data: da.Array | np.ndarray, voxel_size: Sequence[float], out: str | Path,
                  labels: Mapping[str, da.Array | np.ndarray] | None = None, chunk: int = 64,
                  levels: int | None = None, overwrite: bool = False, progress: bool = True,
-                 sources: Sequence[str] = ()) -> Path:
-    """Write a (C,)Z,Y,X array, possibly lazy and larger than memory, as an OME-Zarr image at `out`."""
+                 sources: Sequence[str] = (), shard: int = SHARD_CHUNKS) -> Path:
+    """Write a (C,)Z,Y,X array, possibly lazy and larger than memory, as an OME-Zarr image at `out`:
+    inner chunks of `chunk`³ voxels in shards of `shard`³ chunks (`shard=1`: one file per chunk)."""
     out = Path(out)
     where = ", ".join(sources) or str(out)
     if chunk < 8:
         raise InputError(None, f"chunk must be >= 8 voxels, got {chunk}")
+    if shard < 1:
+        raise InputError(None, f"shard must be >= 1 chunks per axis (1: no sharding), got {shard}")
     data = _as_czyx(da.asarray(data), where)
     voxel = _check_voxel(voxel_size, where)
     label_data = {name: _as_label(da.asarray(lab), data.shape[1:], name, where)
@@ -64,12 +69,25 @@ def ingest_array(data: da.Array | np.ndarray, voxel_size: Sequence[float], out: 
         check_target(out, overwrite)  # again: another writer may have finished it meanwhile
         partial = partial_dir(out)
         try:
-            _write_store(partial, data, voxel, label_data, factors, chunk, progress, list(sources), where)
+            _write_store(partial, data, voxel, label_data, factors, (chunk, shard), progress, list(sources),
+                         where)
             commit_partial(partial, out)
-        except BaseException:
+        except BaseException as exc:
             shutil.rmtree(partial, ignore_errors=True)
-            raise
+            error = _output_error(exc, out, data, chunk, shard)
+            if error is exc:
+                raise
+            raise error from exc
     return out
+
+
+def _output_error(exc: BaseException, out: Path, data: da.Array, chunk: int, shard: int) -> BaseException:
+    """A full disk names the output store and memory exhaustion the shard size, not the source."""
+    if isinstance(exc, MemoryError):
+        mib = chunk**3 * min(shard, 8) ** 3 * data.dtype.itemsize / 2**20
+        return LsmfmError(f"{out}: out of memory while ingesting; each task holds a shard of about {mib:.0f} "
+                          "MiB (several at once): pass a smaller --shard, or run with fewer threads/workers")
+    return disk_error(exc, out) or exc
 
 
 def check_target(out: str | Path, overwrite: bool) -> None:
@@ -170,7 +188,7 @@ def _check_voxel(voxel_size: Sequence[float], where: str) -> tuple[float, float,
 
 
 def _write_store(path: Path, data: da.Array, voxel: tuple[float, float, float],
-                 labels: Mapping[str, da.Array], factors: list[tuple[int, int, int]], chunk: int,
+                 labels: Mapping[str, da.Array], factors: list[tuple[int, int, int]], grid: tuple[int, int],
                  progress: bool, sources: list[str], where: str) -> None:
     import zarr
 
@@ -180,10 +198,10 @@ def _write_store(path: Path, data: da.Array, voxel: tuple[float, float, float],
     name = Path(sources[0]).name if sources else path.name.removesuffix(".partial")
     group = zarr.open_group(str(path), mode="a", zarr_format=3)
     with progress_bar(f"ingest {name}", progress) as bar:
-        stats = level0_with_stats(group, data, chunk, PERCENTILES, SAMPLE_VOXELS, bar, where)
-        write_pyramid(group, factors, chunk, "mean", bar)
+        stats = level0_with_stats(group, data, *grid, PERCENTILES, SAMPLE_VOXELS, bar, where)
+        write_pyramid(group, factors, *grid, "mean", bar)
         if labels:
-            _write_labels(group, labels, voxel, factors, chunk, bar)
+            _write_labels(group, labels, voxel, factors, grid, bar)
     channels = [Path(s).name for s in sources] if len(sources) == data.shape[0] else \
         [f"channel {i}" for i in range(data.shape[0])]
     omezarr.write_ome(group, {"multiscales": [omezarr.multiscales_metadata(name, voxel, factors, "mean")],
@@ -192,14 +210,14 @@ def _write_store(path: Path, data: da.Array, voxel: tuple[float, float, float],
 
 
 def _write_labels(group: Any, labels: Mapping[str, da.Array], voxel: tuple[float, float, float],
-                  factors: list[tuple[int, int, int]], chunk: int, bar: Any) -> None:
+                  factors: list[tuple[int, int, int]], grid: tuple[int, int], bar: Any) -> None:
     from lsmfm.data.ingest.pyramid import store_level, write_pyramid
 
     parent = group.require_group("labels")
     for name, lab in labels.items():
         sub = parent.require_group(name)
-        store_level(sub, "0", lab, chunk, bar, f"label {name} level 0")
-        write_pyramid(sub, factors, chunk, "max", bar, name=f"label {name}")
+        store_level(sub, "0", lab, *grid, bar, f"label {name} level 0")
+        write_pyramid(sub, factors, *grid, "max", bar, name=f"label {name}")
         omezarr.write_ome(sub, {"multiscales": [omezarr.multiscales_metadata(name, voxel, factors, "max")],
                                 "image-label": {"source": {"image": "../../"}}})
     omezarr.write_ome(parent, {"labels": list(labels)})

@@ -3,14 +3,16 @@
 Every store is checked at construction from its JSON metadata alone (no zarr call before DataLoader
 workers fork: zarr v3 can deadlock in a child forked after the parent used it); arrays are opened lazily
 in each worker. The per-patch hot path is one region read (chunk files decoded straight into the patch,
-`chunk_reader`), one uint16 -> float32 conversion and normalisation by the store's intensity
+`lsmfm.io.chunk_reader`), one uint16 -> float32 conversion and normalisation by the store's intensity
 statistics; Dask is used only to plan (the foreground map of a coarse level, once per image per worker).
 
 Sample i of rank r is a pure function of (seed, r, i), see `lsmfm.data.stream.sampling`.
 """
 from __future__ import annotations
 
+import importlib
 import os
+import re
 import time
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -21,11 +23,11 @@ from torch.utils.data import DataLoader, IterableDataset, default_collate, get_w
 
 from lsmfm.data.normalize import percentile_normalize
 from lsmfm.data.stream.augment import Augmenter
-from lsmfm.data.stream.chunk_reader import ChunkReader, open_reader
 from lsmfm.data.stream.config import ForegroundConfig, StreamConfig, StreamTextConfig
 from lsmfm.data.stream.sampling import (ForegroundMap, ImagePlan, choose_position, choose_weighted,
                                         plan_image, sample_rng, worker_indices)
 from lsmfm.errors import InputError
+from lsmfm.io.chunk_reader import open_reader
 
 
 @dataclass
@@ -130,11 +132,8 @@ class _WorkerState:
         """The hot path: one region of the read level as float32, decoded chunk by chunk (chunk_reader)."""
         if image.array_path not in self.readers:
             self.readers[image.array_path] = open_reader(image.array_path)
-        reader = self.readers[image.array_path]
         index = image.index(tuple(slice(s, s + r) for s, r in zip(start, image.region)))
-        if isinstance(reader, ChunkReader):
-            return reader.read(index, np.float32)
-        return np.asarray(reader[index], dtype=np.float32)
+        return self.readers[image.array_path].read(index, np.float32)
 
     def array(self, path: str) -> Any:
         if path not in self.arrays:
@@ -204,8 +203,47 @@ def make_loader(cfg: StreamConfig, batch_size: int, num_workers: int = 0, rank: 
     in order, for any number of workers; resume with start_index = samples consumed by this rank."""
     stream = PatchStream(cfg, rank=rank, world_size=world_size, seed=seed, start_index=start_index,
                          block=batch_size)
-    return DataLoader(stream, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_patches,
-                      persistent_workers=num_workers > 0)
+    return PatchLoader(stream, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_patches,
+                       persistent_workers=num_workers > 0)
+
+
+class PatchLoader(DataLoader):
+    """A DataLoader whose workers' input errors (a lost or corrupt chunk, named by its file) arrive as
+    the same one-line `InputError`, not as torch's RuntimeError wrapping the worker's traceback."""
+
+    def __iter__(self) -> Iterator[Any]:
+        return _OneLineErrors(super().__iter__())  # created now: the loader draws its seed here, as torch's
+
+
+class _OneLineErrors:
+    """Iterates the DataLoader's own iterator, turning workers' input errors back into `InputError`."""
+
+    def __init__(self, batches: Iterator[Any]) -> None:
+        self.batches = batches
+
+    def __iter__(self) -> "_OneLineErrors":
+        return self
+
+    def __next__(self) -> Any:
+        try:
+            return next(self.batches)
+        except RuntimeError as exc:
+            raise worker_input_error(exc) or exc
+
+
+def worker_input_error(exc: BaseException) -> InputError | None:
+    """The lsmfm input error a DataLoader worker raised, recovered from torch's re-raised text."""
+    lines = str(exc).strip().splitlines()
+    found = re.match(r"(lsmfm(?:\.\w+)+)\.(\w+): (.*)$", lines[-1]) if lines else None
+    if found is None or "DataLoader worker" not in lines[0]:
+        return None
+    kind = getattr(importlib.import_module(found.group(1)), found.group(2), None)
+    if not (isinstance(kind, type) and issubclass(kind, InputError)):
+        return None
+    error = InputError(None, found.group(3))
+    error.__cause__ = exc
+    return error
+_INPUT_ERRORS = {"InputError", "ChunkError", "OutputLocked"}
 
 
 def stream_report(cfg: StreamConfig, n_batches: int, batch_size: int, num_workers: int, seed: int = 0,
