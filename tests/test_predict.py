@@ -20,14 +20,15 @@ from monai.inferers.utils import _get_scan_interval
 
 from lsmfm.cli.main import main
 from lsmfm.data.normalize import NormalizeConfig, percentile_normalize
-from lsmfm.errors import ConfigError, InputError, LsmfmError
+from lsmfm.errors import ConfigError, InputError, LsmfmError, LsmfmWarning
 from lsmfm.io.omezarr import create_level, multiscales_metadata, read_multiscales, write_ome
 from lsmfm.io.volumes import read_volume
 from lsmfm.models.backbones.registry import build_backbone
 from lsmfm.models.backbones.unet import UNetConfig
 from lsmfm.tasks import predict as predict_mod
 from lsmfm.tasks.models import build_task_model, save_task_model
-from lsmfm.tasks.predict import PredictOptions, axis_plan, plan_blocks, predict_volume, windows_along
+from lsmfm.tasks.blocks import axis_plan, output_grid, plan_blocks, windows_along
+from lsmfm.tasks.predict import PredictOptions, predict_volume
 from lsmfm.weights.format import ModelConfig
 
 SHAPE = (124, 86, 94)  # mesoSPIM c5image.tif: divisible neither by the window nor by the block
@@ -83,20 +84,19 @@ def seg_model(tmp_path_factory):
 
 def test_block_plan_reproduces_the_whole_volume_window_grid():
     """Along any axis, the windows MONAI places inside each block's read region are exactly the
-    whole-volume windows touching the block's core (so blending is identical)."""
-    def interval_of(roi, overlap):
-        return _get_scan_interval((roi + 1,), (roi,), 1, (overlap,))[0]
-
+    whole-volume windows touching the block's core (so blending is identical), and cores are the fewest
+    balanced runs of whole shards (`unit`) of at most `block` voxels."""
     def starts(length, roi, overlap):
         size = max(length, roi)
         interval = _get_scan_interval((size,), (roi,), 1, (overlap,))
         return [s[0].start for s in dense_patch_slices((size,), (roi,), interval)]
 
     rng = random.Random(0)
-    for _ in range(300):
+    for _ in range(400):
         roi, overlap = rng.choice([8, 32, 96]), rng.choice([0.0, 0.25, 0.5, 0.75, 0.6])
         size, block = rng.randint(1, 300), rng.randint(roi, 260)
-        plan = axis_plan(size, roi, overlap, block)
+        unit = rng.choice([u for u in (8, 16, 32, 64, 128) if u <= block])
+        plan = axis_plan(size, roi, overlap, block, unit)
         assert plan[0][0] == 0 and plan[-1][1] == size
         assert all(a[1] == b[0] for a, b in zip(plan, plan[1:]))
         if size <= roi:
@@ -104,21 +104,25 @@ def test_block_plan_reproduces_the_whole_volume_window_grid():
             continue
         whole = starts(size, roi, overlap)
         assert windows_along(size, roi, overlap) == len(whole)
-        step = interval_of(roi, overlap)
-        assert all(c0 % step == 0 for c0, *_ in plan)
-        assert all(c1 - c0 <= max(block, step) for c0, c1, *_ in plan[:-1])  # the last may absorb a tail
-        assert len(plan) <= math.ceil(math.ceil(size / step) / (max(block, step) // step))  # balanced: few
+        assert all(c0 % unit == 0 for c0, *_ in plan)  # every block writes whole shards
+        assert all(c1 - c0 <= block for c0, c1, *_ in plan)
+        assert len(plan) == math.ceil(math.ceil(size / unit) / (block // unit))  # the fewest
         for c0, c1, r0, r1 in plan:
             local = [r0 + s for s in starts(r1 - r0, roi, overlap)]
+            assert {s for s in whole if s < c1 and s + roi > c0} == set(local)
             for v in (c0, (c0 + c1) // 2, c1 - 1):
                 assert {s for s in whole if s <= v < s + roi} == {s for s in local if s <= v < s + roi}
 
 
-def test_block_cores_are_balanced_and_fewest():
-    """A 256-voxel block covers a 256 axis in one core (not 240 + a 16-voxel tail rerunning a halo), and
-    512 splits into 3 balanced cores of <= 256 on the 48-voxel window grid."""
-    assert axis_plan(256, 64, 0.25, 256) == [(0, 256, 0, 256)]
-    assert [(c0, c1) for c0, c1, *_ in axis_plan(512, 64, 0.25, 256)] == [(0, 144), (144, 336), (336, 512)]
+def test_block_cores_are_balanced_whole_shards():
+    """512 voxels in 256-voxel shards: 2 cores; 600 in 64-voxel shards, block 256: 3 balanced cores of
+    3, 3 and 4 shards (the last one partial), not 4 + 4 + 2."""
+    assert [(c0, c1) for c0, c1, *_ in axis_plan(512, 64, 0.25, 256, 256)] == [(0, 256), (256, 512)]
+    assert [(c0, c1) for c0, c1, *_ in axis_plan(600, 64, 0.25, 256, 64)] == [(0, 192), (192, 384),
+                                                                               (384, 600)]
+    assert axis_plan(256, 64, 0.25, 256, 256) == [(0, 256, 0, 256)]
+    assert output_grid(256, 64, 4) == (64, 256) and output_grid(72, 64, 4) == (64, 64)
+    assert output_grid(32, 64, 4) == (32, 32) and output_grid(1024, 64, 4) == (64, 256)
 
 
 def test_prediction_equals_in_memory_sliding_window(tmp_path, seg_model):
@@ -128,7 +132,7 @@ def test_prediction_equals_in_memory_sliding_window(tmp_path, seg_model):
     out = tmp_path / "pred.zarr"
     summary = predict_volume(model_dir, src, out, PredictOptions(block=72, overlap=0.25), progress=False)
     assert summary["blocks"] == 2 * 2 * 2 and summary["bounds_source"] == "subsample"
-    regions = [tuple(r.stop - r.start for r in b.region) for b in plan_blocks(SHAPE, (ROI,) * 3, 0.25, 72)]
+    regions = [tuple(r.stop - r.start for r in b.region) for b in plan_blocks(SHAPE, (ROI,) * 3, 0.25, 72, 64)]
     assert summary["windows"] == sum(len(dense_patch_slices(r, (ROI,) * 3, (24,) * 3)) for r in regions)
     assert summary["windows_one_pass"] == len(dense_patch_slices(SHAPE, (ROI,) * 3, (24,) * 3))
     prob = zarr.open_array(str(out / "0"), mode="r")[:]
@@ -139,9 +143,15 @@ def test_prediction_equals_in_memory_sliding_window(tmp_path, seg_model):
     mask = zarr.open_array(str(out / "labels/mask/0"), mode="r")[:]
     np.testing.assert_array_equal(mask, (prob > 0.5).astype(np.uint8))
     root = zarr.open_group(str(out), mode="r")
-    assert read_multiscales(root, out).voxel_sizes == [VOXEL]
+    pyramid = [VOXEL, (2.0, 1.0, 1.0), (2.0, 2.0, 2.0), (4.0, 4.0, 4.0)]
+    assert read_multiscales(root, out).voxel_sizes == pyramid
     assert root.attrs["ome"]["version"] == "0.5" and root["labels"].attrs["ome"]["labels"] == ["mask"]
-    assert read_multiscales(root["labels/mask"], out).voxel_sizes == [VOXEL]
+    assert read_multiscales(root["labels/mask"], out).voxel_sizes == pyramid
+    half = prob[:, :, :86 // 2 * 2, :94 // 2 * 2].reshape(1, 124, 43, 2, 47, 2)
+    np.testing.assert_allclose(root["1"][:], half.mean(axis=(3, 5)), rtol=1e-6)  # probabilities: mean
+    np.testing.assert_array_equal(root["labels/mask/1"][:], (half > 0.5).max(axis=(3, 5)))  # masks: max
+    assert root.attrs["ome"]["omero"]["channels"][0]["window"] == {"min": 0.0, "max": 1.0, "start": 0.0,
+                                                                   "end": 1.0}
     assert root.attrs["lsmfm"]["prediction"]["task"] == "segment"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.zarr", "pred.zarr"]  # no .partial left
 
@@ -203,21 +213,40 @@ def test_bad_requests_fail_before_writing(tmp_path, seg_model):
         predict_volume(model_dir, src, out, progress=False)
 
 
-def test_failure_midway_leaves_nothing(tmp_path, seg_model, monkeypatch):
+def test_failure_midway_keeps_finished_blocks_for_a_resume(tmp_path, seg_model, monkeypatch):
+    """A failure in the first block leaves nothing; a failure later keeps the finished blocks (with a
+    warning) and the same call then runs only the rest, to the uninterrupted result."""
     model_dir, _ = seg_model
     src = write_store(tmp_path / "in.zarr", synthetic_volume((70, 36, 44)))
     real, calls = predict_mod.predict_block, []
 
-    def failing(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise RuntimeError("simulated crash")
-        return real(*args, **kwargs)
+    def failing_at(n):
+        def failing(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == n:
+                raise RuntimeError("simulated crash")
+            return real(*args, **kwargs)
+        return failing
 
-    monkeypatch.setattr(predict_mod, "predict_block", failing)
+    opts = PredictOptions(block=32)
+    monkeypatch.setattr(predict_mod, "predict_block", failing_at(1))
     with pytest.raises(RuntimeError, match="simulated"):
-        predict_volume(model_dir, src, tmp_path / "p.zarr", PredictOptions(block=32), progress=False)
+        predict_volume(model_dir, src, tmp_path / "p.zarr", opts, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.zarr"]
+    calls.clear()
+    monkeypatch.setattr(predict_mod, "predict_block", failing_at(3))
+    with pytest.warns(LsmfmWarning, match="its 2 finished block\\(s\\) are kept"), \
+            pytest.raises(RuntimeError, match="simulated"):
+        predict_volume(model_dir, src, tmp_path / "p.zarr", opts, progress=False)
+    assert (tmp_path / "p.zarr.partial").is_dir() and not (tmp_path / "p.zarr").exists()
+    monkeypatch.setattr(predict_mod, "predict_block", real)
+    summary = predict_volume(model_dir, src, tmp_path / "p.zarr", opts, progress=False)
+    assert summary["blocks_resumed"] == 2 and summary["blocks_run"] == summary["blocks"] - 2
+    whole = predict_volume(model_dir, src, tmp_path / "whole.zarr", opts, progress=False)
+    assert whole["blocks_resumed"] == 0
+    for level in ("0", "1", "labels/mask/0"):
+        np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "p.zarr" / level))[:],
+                                      zarr.open_array(str(tmp_path / "whole.zarr" / level))[:])
 
 
 def test_cli(tmp_path, seg_model, capsys):
@@ -250,7 +279,7 @@ def test_real_mesospim_volume(tmp_path, seg_model, shared_data):
     volume, _ = read_volume(src)
     assert volume.shape == SHAPE
     summary = predict_volume(model_dir, src, tmp_path / "p.zarr", PredictOptions(block=64), progress=False)
-    assert summary["blocks"] == 3 * 2 * 2  # 124 = 48 + 48 + 28: fewest balanced cores <= 64 on the 24 grid
+    assert summary["blocks"] == 2 * 2 * 2  # 124 = 64 + 60: cores of whole 64³ shards
     prob = zarr.open_array(str(tmp_path / "p.zarr/0"), mode="r")[0]
     np.testing.assert_allclose(prob, in_memory_reference(model, volume)[0], atol=1e-5)
 
@@ -268,7 +297,7 @@ sys.exit(main(sys.argv[1:]))
 def test_two_predicts_to_one_out_the_second_is_refused(tmp_path, seg_model):
     """The second writer is refused at once while the first runs; the first finishes a correct store."""
     model_dir, model = seg_model
-    volume = synthetic_volume((64, 64, 64))
+    volume = synthetic_volume((96, 96, 96))  # 27 blocks of 32³, 0.5 s each: the second starts meanwhile
     src = write_store(tmp_path / "in.zarr", volume)
     out = tmp_path / "same.zarr"
     args = ["predict", "--model", str(model_dir), "--input", str(src), "--out", str(out), "--block", "32",
@@ -286,3 +315,46 @@ def test_two_predicts_to_one_out_the_second_is_refused(tmp_path, seg_model):
     prob = zarr.open_array(str(out / "0"), mode="r")[0]
     np.testing.assert_allclose(prob, in_memory_reference(model, volume)[0], atol=1e-5)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.zarr", "same.zarr"]
+
+
+def test_nan_inf_input_voxels_are_masked_with_a_warning_naming_the_count(tmp_path, seg_model, capsys):
+    """Two NaN and one Inf voxel: not an all-NaN prediction; they enter as the lower bound, come out as 0,
+    the rest of the volume is predicted as if they held that value, and the warning counts them."""
+    model_dir, model = seg_model
+    volume = synthetic_volume((40, 36, 44)).astype(np.float32)
+    bad = [(3, 4, 5), (20, 30, 40), (39, 0, 0)]
+    with_nan = volume.copy()
+    for (z, y, x), v in zip(bad, [np.nan, np.nan, np.inf]):
+        with_nan[z, y, x] = v
+    src = write_store(tmp_path / "nan.zarr", with_nan)
+    args = ["predict", "--model", str(model_dir), "--input", str(src), "--out", str(tmp_path / "p.zarr"),
+            "--block", "32", "--quiet", "--json", str(tmp_path / "s.json")]
+    assert main(args) == 0
+    assert "3 NaN/Inf input voxel(s) were predicted as their channel's lower normalisation bound and " \
+           "written as 0" in capsys.readouterr().err
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["nonfinite_voxels"] == 3
+    prob = zarr.open_array(str(tmp_path / "p.zarr/0"), mode="r")[0]
+    assert np.isfinite(prob).all() and all(prob[p] == 0 for p in bad)
+    lo = summary["bounds"][0][0]
+    filled = with_nan.copy()
+    filled[~np.isfinite(filled)] = lo
+    ref = in_memory_reference(model, filled, tuple(summary["bounds"][0]))[0]
+    for p in bad:
+        ref[p] = 0
+    np.testing.assert_allclose(prob, ref, atol=1e-5)
+
+
+def test_truncated_nifti_input_is_one_line(tmp_path, seg_model, capsys):
+    from lsmfm.data.synthetic.write import write_nifti
+
+    write_nifti(tmp_path / "v.nii.gz", synthetic_volume((40, 36, 44)), VOXEL)
+    data = (tmp_path / "v.nii.gz").read_bytes()
+    (tmp_path / "t.nii.gz").write_bytes(data[: len(data) // 2])
+    out = tmp_path / "p.zarr"
+    assert main(["predict", "--model", str(seg_model[0]), "--input", str(tmp_path / "t.nii.gz"), "--out",
+                 str(out), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "t.nii.gz: corrupt or truncated gzip stream" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.nii.gz", "v.nii.gz"]

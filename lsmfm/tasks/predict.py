@@ -1,28 +1,38 @@
-"""Whole-volume prediction, out of core: blocks read lazily, MONAI's Gaussian sliding window inside each
-block, block cores written into an OME-Zarr (NGFF 0.5) store.
+"""Whole-volume prediction, out of core and across ranks, resumable: blocks read lazily, MONAI's
+Gaussian sliding window inside each block, block cores written into an OME-Zarr (NGFF 0.5) store.
 
-Seams vanish exactly, not just approximately: block cores start on the sliding window's grid (multiples
-of the window step `int(patch * (1 - overlap))`; an axis is split into the fewest cores of at most
-`block` voxels, balanced), and each block is read with the context of every window
-of the whole-volume grid that touches its core (a halo of `ceil(patch / step) - 1` steps before the core,
-`patch - step` voxels after it). The windows MONAI places inside a block are then exactly the
-whole-volume windows touching the core, so every voxel blends the same window outputs with the same
-Gaussian weights as one in-memory `sliding_window_inference` over the whole volume (tested to 1e-5).
+Seams vanish exactly (`lsmfm.tasks.blocks`): each block reads the whole-volume windows touching its
+core, so every voxel blends the same window outputs as one in-memory `sliding_window_inference` over the
+whole volume (tested to 1e-5). Block cores are whole output shards, so blocks never share a file.
+
+Ranks: under `torchrun` (or `srun`) every rank runs this same program on the same block plan and
+takes every world-size-th unfinished block; rank 0 holds the output's lock (`lsmfm.io.lock`), prepares
+`<out>.partial` and, once the ranks have pooled the pyramid, writes the metadata and commits the store.
+A block's result does not depend on which rank computes it, so any number of ranks writes the same
+store, bit for bit (given the same threads per process).
+
+Resume: each finished block is recorded in the store's ledger (`lsmfm.tasks.ledger`). A killed or
+preempted run leaves `<out>.partial`; the same command then runs only the unfinished blocks.
+SIGTERM/SIGUSR1 finish the current block, record it and stop (the summary says `stopped`). An error
+keeps the partial store for a resume when blocks were finished, and says so; otherwise nothing is left.
 
 Normalisation is the model's recorded `NormalizeConfig`, with bounds from the input store's ingest
 statistics when present, else from one strided subsample (<= ~2M voxels) of the whole volume; never per
-block, which would give every block its own intensity scale.
+block. NaN/Inf input voxels are predicted as their channel's lower bound and written as 0, with a
+warning that counts them.
 
-Outputs (`<out>.partial` while running, renamed to `<out>` at the end), by the task's `volume_output`:
-    mask (segment):  `0` float32 probabilities (c=1, z, y, x); `labels/mask` uint8 mask (probability >
-                     threshold)
-    image (deblur):  `0` float32 restored image in the input's intensity units (c, z, y, x)
+Outputs (`lsmfm.tasks.volume_store`), by the task's `volume_output`:
+    mask (segment):  `0..n` float32 probabilities (c=1, z, y, x), mean-pooled; `labels/mask/0..n` uint8
+                     mask (probability > threshold), max-pooled
+    image (deblur):  `0..n` float32 restored image in the input's intensity units (c, z, y, x)
 """
 from __future__ import annotations
 
 import math
 import shutil
+import signal
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,95 +41,21 @@ import numpy as np
 import torch
 
 from lsmfm.data.normalize import NormalizeConfig, denormalize_channels, normalize_channels
-from lsmfm.errors import ConfigError, InputError
 from lsmfm.device import resolve_device
+from lsmfm.errors import ConfigError, InputError, LsmfmError, LsmfmWarning
+from lsmfm.io import lock
 from lsmfm.io.atomic import commit_partial
-from lsmfm.io.lock import output_lock, partial_dir
+from lsmfm.io.omezarr import SHARD_CHUNKS
 from lsmfm.io.volumes import Volume, materialize, open_volume
+from lsmfm.tasks import volume_store
 from lsmfm.tasks.base import sliding_window
+from lsmfm.tasks.blocks import Block, count_windows, output_grid, plan_blocks, windows_along
+from lsmfm.tasks.ledger import Ledger, fingerprint
+from lsmfm.training import distributed
 
 SUBSAMPLE_VOXELS = 2_000_000
 OUTPUT_CHUNK = 64
-
-
-@dataclass(frozen=True)
-class Block:
-    """One unit of work: the `core` written to the output and the `region` read (core + context)."""
-
-    core: tuple[slice, slice, slice]
-    region: tuple[slice, slice, slice]
-
-    @property
-    def core_in_region(self) -> tuple[slice, slice, slice]:
-        return tuple(slice(c.start - r.start, c.stop - r.start)  # type: ignore[return-value]
-                     for c, r in zip(self.core, self.region))
-
-
-def window_step(roi: int, overlap: float) -> int:
-    """The sliding window's step along an axis, as MONAI computes it."""
-    return max(int(roi * (1.0 - overlap)), 1)
-
-
-def output_chunk(blocks: list[Block]) -> int:
-    """A chunk edge (16-64) that divides every core boundary, so each block writes whole chunks (no
-    read-modify-write of chunks shared by two blocks, half the writer's memory); 64 when none exists."""
-    inner = {s.start for b in blocks for s in b.core} - {0}
-    if not inner:
-        return OUTPUT_CHUNK
-    g = math.gcd(*inner)
-    return next((d for d in range(min(OUTPUT_CHUNK, g), 15, -1) if g % d == 0), OUTPUT_CHUNK)
-
-
-def core_starts(size: int, step: int, limit: int) -> list[int]:
-    """Core starts on the window grid along an axis: the fewest cores of at most `limit` voxels, each
-    with an equal share of the window steps (a short tail core would rerun a halo of windows for a few
-    voxels). `limit` is at least one step."""
-    units = math.ceil(size / step)  # the last step may be partial
-    for n in range(math.ceil(size / limit), units):
-        starts = [step * (units * k // n) for k in range(n)]
-        if all(b - a <= limit for a, b in zip(starts, [*starts[1:], size])):
-            return starts
-    return [step * k for k in range(units)]  # one step per core
-
-
-def axis_plan(size: int, roi: int, overlap: float, block: int) -> list[tuple[int, int, int, int]]:
-    """(core start, core stop, read start, read stop) of the blocks along one axis (see module doc)."""
-    if size <= roi:
-        return [(0, size, 0, size)]  # MONAI pads the whole axis: only one block reproduces that
-    step = window_step(roi, overlap)
-    before = (math.ceil(roi / step) - 1) * step
-    starts = core_starts(size, step, max(block, step))
-    if len(starts) > 1 and size - starts[-1] < roi - before:
-        starts.pop()  # too short to hold a full window with its context: merge into the previous core
-    plan = []
-    for k, c0 in enumerate(starts):
-        c1 = starts[k + 1] if k + 1 < len(starts) else size
-        r1 = size if size - roi < c1 else c1 - step + roi
-        plan.append((c0, c1, max(0, c0 - before), r1))
-    return plan
-
-
-def windows_along(size: int, roi: int, overlap: float) -> int:
-    """Windows MONAI's sliding window places along an axis of `size` voxels (one when it pads)."""
-    if size <= roi:
-        return 1
-    return math.ceil((size - roi) / window_step(roi, overlap)) + 1
-
-
-def count_windows(blocks: list[Block], roi: tuple[int, int, int], overlap: float) -> int:
-    """Network windows run over all blocks; halo windows are run once per block that reads them, so
-    this exceeds one whole-volume pass by about (1 + step / core)³: the price of bounded memory."""
-    return sum(math.prod(windows_along(r.stop - r.start, n, overlap) for r, n in zip(b.region, roi))
-               for b in blocks)
-
-
-def plan_blocks(shape: tuple[int, int, int], roi: tuple[int, int, int], overlap: float, block: int
-                ) -> list[Block]:
-    """All blocks of a (Z, Y, X) volume, z-major."""
-    axes = [axis_plan(s, r, overlap, block) for s, r in zip(shape, roi)]
-    return [Block(tuple(slice(a[0], a[1]) for a in combo),  # type: ignore[arg-type]
-                  tuple(slice(a[2], a[3]) for a in combo))  # type: ignore[arg-type]
-            for combo in ((z, y, x) for z in axes[0] for y in axes[1] for x in axes[2])]
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 def store_bounds(path: str | Path, cfg: NormalizeConfig, channels: int) -> list[tuple[float, float]] | None:
@@ -143,13 +79,16 @@ def store_bounds(path: str | Path, cfg: NormalizeConfig, channels: int) -> list[
 
 def subsample_bounds(volume: Volume, cfg: NormalizeConfig, max_voxels: int = SUBSAMPLE_VOXELS
                      ) -> list[tuple[float, float]]:
-    """Per-channel percentile bounds from one strided subsample of the whole volume (every voxel when
-    the volume has at most `max_voxels`)."""
+    """Per-channel percentile bounds of the finite values of one strided subsample of the whole volume
+    (every voxel when the volume has at most `max_voxels`)."""
     step = max(1, math.ceil((math.prod(volume.spatial_shape) / max_voxels) ** (1 / 3)))
     bounds = []
     for channel in volume.czyx:
         sample = np.asarray(channel[::step, ::step, ::step].compute(), dtype=np.float32)
-        lo, hi = np.percentile(sample, [cfg.lower, cfg.upper])
+        finite = sample[np.isfinite(sample)]
+        if not finite.size:
+            raise InputError(volume.path, "every sampled voxel is NaN/Inf: nothing to normalise")
+        lo, hi = np.percentile(finite, [cfg.lower, cfg.upper])
         bounds.append((float(lo), float(hi)))
     return bounds
 
@@ -168,11 +107,12 @@ class PredictOptions:
 
     Args:
         block: largest core edge of a block in voxels (each axis is split into the fewest balanced
-            cores on the window grid that fit); memory grows with (block + patch)^3.
+            cores of whole output shards that fit); memory grows with (block + 2 * patch)^3.
         overlap: sliding-window overlap in [0, 1).
         batch_size: windows per forward pass.
         threshold: segmentation mask threshold; None: the one recorded with the model.
-        device: "auto" (CUDA when available), "cpu", "cuda", ...
+        device: "auto" (CUDA when available; each rank its own GPU), "cpu", "cuda", ...
+        shard: output chunks (64³) per shard edge, capped by the block (1: one file per chunk).
     """
 
     block: int = 256
@@ -180,16 +120,16 @@ class PredictOptions:
     batch_size: int = 1
     threshold: float | None = None
     device: str = "auto"
+    shard: int = SHARD_CHUNKS
 
     def __post_init__(self) -> None:
-        if self.block < 1 or self.batch_size < 1:
-            raise ConfigError(f"block and batch must be >= 1, got block={self.block}, "
-                              f"batch={self.batch_size}")
+        if self.block < 1 or self.batch_size < 1 or self.shard < 1:
+            raise ConfigError(f"block, batch and shard must be >= 1, got block={self.block}, "
+                              f"batch={self.batch_size}, shard={self.shard}")
         if not 0.0 <= self.overlap < 1.0:
             raise ConfigError(f"overlap must be in [0, 1), got {self.overlap}")
         if self.threshold is not None and not 0.0 < self.threshold < 1.0:
             raise ConfigError(f"threshold must be in (0, 1), got {self.threshold}")
-
 
 
 def check_inputs(model_dir: str | Path, model: Any, config: Any, volume: Volume, opts: PredictOptions
@@ -208,17 +148,57 @@ def check_inputs(model_dir: str | Path, model: Any, config: Any, volume: Volume,
                                       f"{config.backbone.in_channels}")
 
 
+@dataclass
+class Job:
+    """Everything every rank needs to run its share, identical on all ranks."""
+
+    model: Any
+    config: Any
+    volume: Volume
+    bounds: list[tuple[float, float]]
+    opts: PredictOptions
+    info: dict[str, Any]
+    blocks: list[Block]
+    chunk: int
+    shard: int
+    factors: list[tuple[int, int, int]]
+
+    @property
+    def mask(self) -> bool:
+        return self.model.spec.volume_output == "mask"
+
+    @property
+    def roi(self) -> tuple[int, int, int]:
+        return tuple(int(v) for v in self.config.patch_size)  # type: ignore[return-value]
+
+
 def predict_volume(model_dir: str | Path, input_path: str | Path, out_path: str | Path,
                    opts: PredictOptions = PredictOptions(), overwrite: bool = False,
                    progress: bool = True) -> dict[str, Any]:
-    """Predict a whole volume with a finetuned model folder into an OME-Zarr store; returns a summary
-    (shape, blocks, seconds, voxels/s, normalisation bounds and their source)."""
+    """Predict a whole volume with a finetuned model folder into an OME-Zarr store, on this process or
+    as one rank of a torchrun/srun job; returns a summary (shape, blocks, seconds, voxels/s, windows,
+    normalisation bounds and their source, blocks resumed, `stopped` after SIGTERM/SIGUSR1)."""
+    env = distributed.ensure_env()
+    if env.world_size > 1:
+        distributed.init(torch.device("cpu"))  # gloo: the ranks only exchange small objects
+    try:
+        out = Path(out_path)
+        if out.exists() and not overwrite:
+            raise InputError(out, "already exists; choose another --out or pass --overwrite")
+        job = _plan_job(model_dir, input_path, opts, env)
+        with _Rank0Lock(out, env):
+            return _run(job, model_dir, input_path, out, overwrite, env, progress)
+    finally:
+        distributed.shutdown()
+
+
+def _plan_job(model_dir: str | Path, input_path: str | Path, opts: PredictOptions,
+              env: distributed.DistEnv) -> Job:
+    from lsmfm.data.ingest.convert import pyramid_factors
     from lsmfm.tasks.models import load_task_model
 
-    out = Path(out_path)
-    if out.exists() and not overwrite:
-        raise InputError(out, "already exists; choose another --out or pass --overwrite")
-    model, config = load_task_model(model_dir, resolve_device(opts.device))
+    local = env.local_rank if env.world_size > 1 else None
+    model, config = load_task_model(model_dir, resolve_device(opts.device, local))
     volume = open_volume(input_path)
     check_inputs(model_dir, model, config, volume, opts)
     bounds, source = normalization_bounds(volume, config.normalize)
@@ -232,62 +212,241 @@ def predict_volume(model_dir: str | Path, input_path: str | Path, out_path: str 
     if model.spec.volume_output == "mask":
         recorded = config.task.get("threshold", 0.5)
         info["threshold"] = float(opts.threshold if opts.threshold is not None else recorded)
-    with output_lock(out, "lsmfm predict"):
-        if out.exists() and not overwrite:
-            raise InputError(out, "already exists; choose another --out or pass --overwrite")
-        partial = partial_dir(out)  # an old one was left by a killed run
-        start = time.perf_counter()
-        try:
-            windows = write_prediction(partial, model, config, volume, bounds, opts, info.get("threshold"),
-                                       progress)
-            seconds = time.perf_counter() - start
-            write_metadata(partial, out.name, volume.voxel_size, info,
-                           segment=model.spec.volume_output == "mask")
+    chunk, shard = output_grid(opts.block, OUTPUT_CHUNK, opts.shard)
+    roi = tuple(int(v) for v in config.patch_size)
+    blocks = plan_blocks(volume.spatial_shape, roi, opts.overlap, opts.block, shard)  # type: ignore[arg-type]
+    factors = pyramid_factors(volume.spatial_shape, volume.voxel_size, chunk)
+    return Job(model, config, volume, bounds, opts, info, blocks, chunk, shard // chunk, factors)
+
+
+class _Rank0Lock:
+    """Rank 0 holds the output's lock for the run; every rank stops if it is refused."""
+
+    def __init__(self, out: Path, env: distributed.DistEnv) -> None:
+        self.out, self.env, self.fd = out, env, None
+
+    def __enter__(self) -> None:
+        refused = None
+        if self.env.is_main:
+            try:
+                self.fd, _ = lock.acquire(self.out, "lsmfm predict" + (
+                    f" ({self.env.world_size} ranks)" if self.env.world_size > 1 else ""))
+            except LsmfmError as exc:
+                refused = exc
+        if distributed.any_rank(refused is not None, torch.device("cpu")):
+            raise refused or InputError(self.out, "rank 0 could not lock the output")
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.fd is not None:
+            lock.release(self.out, self.fd)
+
+
+
+def _run(job: Job, model_dir: str | Path, input_path: str | Path, out: Path, overwrite: bool,
+         env: distributed.DistEnv, progress: bool) -> dict[str, Any]:
+    partial = out.with_name(out.name + ".partial")
+    run = fingerprint(model_dir, input_path, {
+        "options": {k: v for k, v in vars(job.opts).items() if k != "device"}, "bounds": job.info["bounds"],
+        "threshold": job.info.get("threshold"), "blocks": len(job.blocks), "grid": [job.chunk, job.shard],
+        "factors": job.factors})
+    resumed = _on_rank0(env, lambda: _prepare(partial, out, job, run, overwrite))
+    ledger = Ledger(partial)
+    done = ledger.blocks()
+    todo = [i for i in range(len(job.blocks)) if i not in done]
+    start = time.perf_counter()
+    stop = _StopRequest()
+    try:
+        with stop:
+            ran = _predict_blocks(job, partial, ledger, todo[env.rank::env.world_size], env, stop, progress)
+            stopped = distributed.any_rank(stop.requested, torch.device("cpu"))
+            if not stopped:
+                stopped = _pyramid(job, partial, ledger, env, stop)
+    except BaseException:
+        _keep_or_clean(partial, ledger, env)
+        raise
+    seconds = time.perf_counter() - start
+    records = ledger.blocks()
+    summary = _summary(job, out, records, resumed, ran, seconds, stopped)
+    if not stopped:
+        distributed.barrier()
+        if env.is_main:
+            _warn_nonfinite(job, records)
+            volume_store.write_metadata(partial, out.name, job.volume.voxel_size, job.factors,
+                                        {**job.info, "nonfinite_voxels": summary["nonfinite_voxels"]},
+                                        job.mask, _channel_names(job))
+            ledger.remove()
             commit_partial(partial, out)
-        except BaseException:
-            shutil.rmtree(partial, ignore_errors=True)
-            raise
-    voxels = math.prod(volume.spatial_shape)
-    return {**info, "out": str(out), "shape": list(volume.spatial_shape),
-            "voxel_size": list(volume.voxel_size), "voxels": voxels, "seconds": seconds,
-            "voxels_per_s": voxels / seconds if seconds > 0 else float("inf"), **windows}
+        distributed.barrier()
+    return summary
 
 
-def write_prediction(path: Path, model: Any, config: Any, volume: Volume, bounds: list[tuple[float, float]],
-                     opts: PredictOptions, threshold: float | None, progress: bool) -> dict[str, int]:
-    """Predict block by block into a new store at `path`; returns the number of blocks, of windows run,
-    and of windows one in-memory pass over the whole volume would run."""
+def _prepare(partial: Path, out: Path, job: Job, run: dict[str, Any], overwrite: bool) -> int:
+    """Resume a matching `.partial` of lsmfm's (returns its finished blocks), else start a fresh one."""
+    ledger = Ledger(partial)
+    if partial.is_dir() and lock.is_lsmfm_partial(partial) and ledger.matches(run):
+        return len(ledger.blocks())
+    if partial.exists() and lock.is_lsmfm_partial(partial):
+        warnings.warn(LsmfmWarning(f"{partial}: the unfinished output of a different run (another model, "
+                                   "input or option); starting over"))
+    if out.exists() and not overwrite:
+        raise InputError(out, "already exists; choose another --out or pass --overwrite")
+    lock.partial_dir(out)
+    volume_store.create_store(partial, 1 if job.mask else job.volume.czyx.shape[0], job.volume.spatial_shape,
+                              job.mask, job.chunk, job.shard)
+    ledger.start(run)
+    return 0
+
+
+def _predict_blocks(job: Job, partial: Path, ledger: Ledger, mine: list[int], env: distributed.DistEnv,
+                    stop: "_StopRequest", progress: bool) -> int:
+    """This rank's blocks, each written then recorded; stops after the current block when asked."""
     from lsmfm.progress import progress_bar
 
-    roi = tuple(int(v) for v in config.patch_size)
-    data = volume.czyx
-    segment = model.spec.volume_output == "mask"
-    blocks = plan_blocks(volume.spatial_shape, roi, opts.overlap, opts.block)  # type: ignore[arg-type]
-    image, mask = create_store(path, 1 if segment else data.shape[0], volume.spatial_shape, segment,
-                               output_chunk(blocks))
-    for blk in progress_bar(blocks, desc="predict", unit="block", enabled=progress):
-        core = predict_core(model, data, blk, config.normalize, bounds, roi, opts)  # type: ignore[arg-type]
+    image, mask = volume_store.open_levels(partial, job.mask)
+    ran = 0
+    bar = progress_bar(mine, desc="predict" if env.world_size == 1 else f"predict (rank {env.rank})",
+                       unit="block", enabled=progress and env.is_main)
+    for index in bar:
+        began = time.perf_counter()
+        blk = job.blocks[index]
+        core, bad = predict_core(job.model, job.volume.czyx, blk, job.config.normalize, job.bounds, job.roi,
+                                 job.opts)
         where = (slice(None),) + blk.core
-        if segment:
+        if job.mask:
+            if bad is not None:
+                core[:, bad] = 0
             image[where] = core
-            mask[where] = np.greater(core, threshold).view(np.uint8)
+            mask[where] = np.greater(core, job.info["threshold"]).view(np.uint8)
         else:
-            image[where] = denormalize_channels(core, bounds)
+            restored = denormalize_channels(core, job.bounds)
+            if bad is not None:
+                restored[:, bad] = 0
+            image[where] = restored
+        n_bad = 0 if bad is None else int(bad.sum())
         del core  # before the next block is read: two blocks' buffers never coexist
-    one_pass = math.prod(windows_along(s, r, opts.overlap) for s, r in zip(volume.spatial_shape, roi))
-    return {"blocks": len(blocks), "windows": count_windows(blocks, roi, opts.overlap),
-            "windows_one_pass": one_pass}
+        ledger.record_block(index, {"rank": env.rank, "nonfinite": n_bad,
+                                    "seconds": round(time.perf_counter() - began, 3)})
+        ran += 1
+        if stop.requested:
+            break
+    return ran
+
+
+def _pyramid(job: Job, partial: Path, ledger: Ledger, env: distributed.DistEnv, stop: "_StopRequest"
+             ) -> bool:
+    """Levels 1..n, each split over the ranks; returns True when stopped between levels."""
+    if env.is_main:
+        volume_store.create_pyramid(partial, job.factors, job.mask, job.chunk, job.shard)
+    distributed.barrier()
+    finished = ledger.levels()
+    for level, factor in enumerate(job.factors, start=1):
+        if level in finished:
+            continue
+        volume_store.pool_level(partial, level, factor, job.mask, env.rank, env.world_size)
+        distributed.barrier()
+        if env.is_main:
+            ledger.record_level(level)
+        if distributed.any_rank(stop.requested, torch.device("cpu")):
+            return True
+    return False
+
+
+def _on_rank0(env: distributed.DistEnv, fn: Any) -> Any:
+    """`fn()` on rank 0, its result (or its error, as one line) on every rank."""
+    result: Any = None
+    if env.is_main:
+        try:
+            result = fn()
+        except LsmfmError as exc:
+            result = exc
+    shared = result if env.world_size == 1 else distributed.gather_objects(
+        str(result) if isinstance(result, LsmfmError) else result)[0]
+    if isinstance(result, LsmfmError):
+        raise result
+    if isinstance(shared, str):
+        raise InputError(None, shared)
+    return shared
+
+
+def _keep_or_clean(partial: Path, ledger: Ledger, env: distributed.DistEnv) -> None:
+    """After an error: keep a partial store that holds finished blocks (the same command resumes it),
+    remove one that holds none (in a one-rank run: other ranks may still be writing)."""
+    done = len(ledger.blocks()) if partial.exists() else 0
+    if env.world_size == 1 and not done and lock.is_lsmfm_partial(partial):
+        shutil.rmtree(partial, ignore_errors=True)
+    elif done and env.is_main:
+        warnings.warn(LsmfmWarning(f"{partial}: its {done} finished block(s) are kept; run the same command "
+                                   "again to resume, or delete it"))
+
+
+def _summary(job: Job, out: Path, records: dict[int, dict[str, Any]], resumed: int, ran: int,
+             seconds: float, stopped: bool) -> dict[str, Any]:
+    shape = job.volume.spatial_shape
+    voxels = math.prod(shape)
+    one_pass = math.prod(windows_along(s, r, job.opts.overlap) for s, r in zip(shape, job.roi))
+    mine_voxels = ran * voxels / max(1, len(job.blocks))
+    return {**job.info, "out": str(out), "shape": list(shape), "voxel_size": list(job.volume.voxel_size),
+            "voxels": voxels, "seconds": seconds, "voxels_per_s": mine_voxels / seconds if seconds > 0 else 0.0,
+            "blocks": len(job.blocks), "blocks_resumed": resumed, "blocks_run": ran,
+            "blocks_done": len(records), "stopped": stopped, "ranks": distributed.ensure_env().world_size,
+            "windows": count_windows(job.blocks, job.roi, job.opts.overlap), "windows_one_pass": one_pass,
+            "chunk": job.chunk, "shard": job.shard * job.chunk, "levels": len(job.factors) + 1,
+            "nonfinite_voxels": sum(int(r.get("nonfinite", 0)) for r in records.values())}
+
+
+def _warn_nonfinite(job: Job, records: dict[int, dict[str, Any]]) -> None:
+    count = sum(int(r.get("nonfinite", 0)) for r in records.values())
+    if count:
+        warnings.warn(LsmfmWarning(f"{job.volume.path}: {count} NaN/Inf input voxel(s) were predicted as their "
+                                   "channel's lower normalisation bound and written as 0"))
+
+
+def _channel_names(job: Job) -> list[str]:
+    if job.mask:
+        return ["probability"]
+    return [f"restored channel {c}" for c in range(job.volume.czyx.shape[0])]
+
+
+class _StopRequest:
+    """SIGTERM/SIGUSR1 set a flag: the current block is finished and recorded, then the run stops."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "_StopRequest":
+        for sig in STOP_SIGNALS:
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: signals stay as they are
+                pass
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 def predict_core(model: torch.nn.Module, data: Any, blk: Block, norm: NormalizeConfig,
                  bounds: list[tuple[float, float]], roi: tuple[int, int, int], opts: PredictOptions
-                 ) -> np.ndarray:
-    """Read one block's region from the lazy (C, Z, Y, X) `data`, normalise it and predict it; the
-    result over the block's core. Each buffer is released as soon as the next one exists."""
+                 ) -> tuple[np.ndarray, np.ndarray | None]:
+    """Read one block's region from the lazy (C, Z, Y, X) `data`, normalise it and predict it: (the
+    result over the block's core, the core's NaN/Inf input voxels or None). NaN/Inf voxels enter the
+    network as their channel's lower bound. Each buffer is released as soon as the next one exists."""
     raw = materialize(data[(slice(None),) + blk.region], scheduler="synchronous")
+    bad = None
+    if np.issubdtype(raw.dtype, np.floating):
+        nonfinite = ~np.isfinite(raw)
+        if nonfinite.any():
+            for c, (low, _) in enumerate(bounds):
+                raw[c][nonfinite[c]] = low
+            bad = nonfinite.any(axis=0)[blk.core_in_region]
     block = normalize_channels(raw, norm, bounds)
     del raw
-    return predict_block(model, block, roi, opts)[(slice(None),) + blk.core_in_region]
+    return predict_block(model, block, roi, opts)[(slice(None),) + blk.core_in_region], bad
 
 
 def predict_block(model: torch.nn.Module, block: np.ndarray, roi: tuple[int, int, int], opts: PredictOptions
@@ -296,38 +455,3 @@ def predict_block(model: torch.nn.Module, block: np.ndarray, roi: tuple[int, int
     probabilities (1, Z, Y, X) or the restored image in normalised units (C, Z, Y, X)."""
     y = sliding_window(model, block, roi, opts.overlap, opts.batch_size)
     return (y.sigmoid_() if model.spec.volume_output == "mask" else y).numpy()
-
-
-def create_store(path: Path, channels: int, shape: tuple[int, int, int], segment: bool,
-                 chunk: int = OUTPUT_CHUNK) -> tuple[Any, Any]:
-    """Empty zarr v3 arrays laid out as `lsmfm ingest` writes them: image level `0` (c, z, y, x) and, for
-    segmentation, the label image `labels/mask/0` (c = 1)."""
-    import zarr
-
-    from lsmfm.io.omezarr import create_level
-
-    root = zarr.open_group(str(path), mode="a", zarr_format=3)
-    image = create_level(root, "0", (channels, *shape), "float32", chunk)
-    mask = None
-    if segment:
-        labels = root.create_group("labels").create_group("mask")
-        mask = create_level(labels, "0", (1, *shape), "uint8", chunk)
-    return image, mask
-
-
-def write_metadata(path: Path, name: str, voxel_size: tuple[float, float, float], info: dict[str, Any],
-                   segment: bool) -> None:
-    """NGFF 0.5 metadata (one level, the input's voxel size), written after the data, plus our run info."""
-    import zarr
-
-    from lsmfm.io.omezarr import multiscales_metadata, write_ome
-
-    root = zarr.open_group(str(path), mode="r+")
-    if segment:
-        write_ome(root["labels/mask"], {
-            "multiscales": [multiscales_metadata("mask", voxel_size, [], "none")],
-            "image-label": {"colors": [{"label-value": 1, "rgba": [255, 64, 64, 255]}],
-                            "source": {"image": "../../"}}})
-        write_ome(root["labels"], {"labels": ["mask"]})
-    write_ome(root, {"multiscales": [multiscales_metadata(name, voxel_size, [], "none")]},
-              extra={"lsmfm": {"prediction": info}})
