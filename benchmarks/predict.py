@@ -1,11 +1,18 @@
-"""Whole-volume prediction: `lsmfm predict` (blockwise, out of core) against one in-memory MONAI sliding
-window over the whole volume, on the same model and data: voxels per second, peak memory, windows run,
-and the largest difference between the two outputs.
+"""Whole-volume prediction: `lsmfm predict` (blockwise, out of core) on 1 and N ranks, against one
+in-memory MONAI sliding window over the whole volume, on the same model and data: voxels per second,
+peak memory per rank, windows run, scaling efficiency, the cost of a resume, files per TB written, and
+the largest difference between the outputs.
 
-    python benchmarks/predict.py --json predict.json [--sizes 512] [--blocks 128 256] [--in-memory-up-to 512]
+    python benchmarks/predict.py --json predict.json [--sizes 512] [--blocks 128 256] [--ranks 1 2]
+                                 [--in-memory-up-to 512] [--resume]
 
-Each input is an OME-Zarr store (uint16, chunks 64³, with ingest-style intensity statistics) generated
-slab by slab in a temporary folder, so the benchmark never holds a volume. The model is a small UNet
+Ranks > 1 run under torchrun (gloo, CPU): the ranks share the machine's cores, so on a machine with as
+many cores as ranks x threads the scaling efficiency is what a cluster sees per node. `--resume` kills
+(-9) a run of the largest rank count once half of its blocks are recorded, re-runs the same command,
+and reports the total over one uninterrupted run.
+
+Each input is an OME-Zarr store (uint16, chunks 64³ in shards of 4³ chunks, with ingest-style intensity
+statistics) generated slab by slab in a temporary folder, so the benchmark never holds a volume. The model is a small UNet
 segmentation model (channels 8-16-32, 64³ windows) saved with `save_task_model`. Every measurement runs
 in a fresh subprocess that records its RSS once all code is imported (baseline) and its peak RSS
 (`getrusage`); the growth is what the prediction itself needs, compared with the volume in float32.
@@ -98,16 +105,115 @@ def _peak_mib() -> float:
 
 def measure_blockwise(model: str, volume: str, out: str, block: int, overlap: float, batch: int,
                       device: str, threads: int) -> dict:
-    """Child process: one `predict_volume` run into `out`."""
+    """Child process (or one torchrun rank): one `predict_volume` run into `out`; each rank also writes
+    its row to `<out>.rank<r>.json`."""
+    import os
+
     baseline = _imported(threads)
     from lsmfm.tasks.predict import PredictOptions, predict_volume
 
     opts = PredictOptions(block=block, overlap=overlap, batch_size=batch, device=device)
     summary = predict_volume(model, volume, out, opts, progress=False)
     peak = _peak_mib()
-    keys = ("blocks", "windows", "windows_one_pass", "seconds", "voxels_per_s", "bounds_source")
-    return {"method": f"lsmfm predict, block {block}", "rss_baseline_mib": baseline, "rss_peak_mib": peak,
-            **{k: summary[k] for k in keys}}
+    keys = ("blocks", "blocks_run", "blocks_resumed", "windows", "windows_one_pass", "seconds", "bounds_source",
+            "ranks", "shard", "chunk", "levels")
+    row = {"rank": int(os.environ.get("RANK", "0")), "rss_baseline_mib": baseline, "rss_peak_mib": peak,
+           **{k: summary[k] for k in keys}}
+    Path(f"{out}.rank{row['rank']}.json").write_text(json.dumps(row))
+    return row
+
+
+def launch_blockwise(args: list[str], ranks: int) -> subprocess.Popen:
+    """One blockwise measurement on `ranks` processes (torchrun for more than one)."""
+    prefix = [sys.executable] if ranks == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                   f"--nproc-per-node={ranks}"]
+    return subprocess.Popen([*prefix, __file__, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+
+
+def blockwise(model: Path, volume: Path, out: Path, block: int, ranks: int, common: list[str]) -> dict:
+    """Run and time one blockwise measurement; one row with every rank's memory."""
+    start = time.perf_counter()
+    proc = launch_blockwise(["--measure-blockwise", str(model), str(volume), str(out), "--block", str(block),
+                             *common], ranks)
+    _, err = proc.communicate()
+    if proc.returncode:
+        raise RuntimeError(f"blockwise run failed (exit {proc.returncode}):\n{err[-3000:]}")
+    return _row(out, ranks, block, time.perf_counter() - start)
+
+
+def _row(out: Path, ranks: int, block: int, wall: float) -> dict:
+    per_rank = [json.loads(Path(f"{out}.rank{r}.json").read_text()) for r in range(ranks)]
+    first = per_rank[0]
+    seconds = max(r["seconds"] for r in per_rank)
+    files = sum(1 for p in out.rglob("*") if p.is_file())
+    return {"method": f"lsmfm predict, block {block}, {ranks} rank{'s' if ranks > 1 else ''}", "ranks": ranks,
+            "wall_s": wall, "seconds": seconds, "rss_baseline_mib": max(r["rss_baseline_mib"] for r in per_rank),
+            "rss_peak_mib": max(r["rss_peak_mib"] for r in per_rank),
+            "rss_peak_per_rank_mib": [r["rss_peak_mib"] for r in per_rank], "files_written": files,
+            **{k: first[k] for k in ("blocks", "windows", "windows_one_pass", "bounds_source", "shard", "chunk",
+                                     "levels")},
+            "blocks_run_per_rank": [r["blocks_run"] for r in per_rank]}
+
+
+def resume_overhead(model: Path, volume: Path, out: Path, block: int, ranks: int, common: list[str]) -> dict:
+    """kill -9 the run once half of its blocks are recorded, then the same command: the total wall time
+    of both, and what the second run did."""
+    import os
+    import signal
+
+    ledger = out.with_name(out.name + ".partial") / ".lsmfm-ledger" / "blocks"
+    start = time.perf_counter()
+    proc = launch_blockwise(["--measure-blockwise", str(model), str(volume), str(out), "--block", str(block),
+                             *common], ranks)
+    total = None
+    while proc.poll() is None:
+        done = len(list(ledger.glob("*.json"))) if ledger.is_dir() else 0
+        total = total or _planned_blocks(ledger)
+        if total and done >= total // 2:
+            kill_tree(proc.pid)
+            break
+        time.sleep(0.2)
+    proc.wait()
+    killed_at = time.perf_counter() - start
+    if out.exists():
+        raise RuntimeError(f"{out}: the run finished before half of its blocks were seen; use a larger volume")
+    done = len(list(ledger.glob("*.json")))
+    row = blockwise(model, volume, out, block, ranks, common)
+    per_rank = [json.loads(Path(f"{out}.rank{r}.json").read_text()) for r in range(ranks)]
+    return {"ranks": ranks, "block": block, "killed_after_s": killed_at, "blocks_done_when_killed": done,
+            "blocks_resumed": per_rank[0]["blocks_resumed"], "rerun_wall_s": row["wall_s"],
+            "total_wall_s": killed_at + row["wall_s"], "blocks": row["blocks"]}
+
+
+def kill_tree(pid: int) -> None:
+    """kill -9 a process and every descendant (torchrun starts its workers in sessions of their own)."""
+    import os
+    import signal
+
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    tree, todo = [], [pid]
+    while todo:
+        tree.append(todo.pop())
+        todo += children.get(tree[-1], [])
+    for p in tree:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _planned_blocks(ledger: Path) -> int | None:
+    try:
+        return int(json.loads((ledger.parent / "run.json").read_text())["blocks"])
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def measure_in_memory(model: str, volume: str, compare: list[str], overlap: float, batch: int, device: str,
@@ -122,7 +228,8 @@ def measure_in_memory(model: str, volume: str, compare: list[str], overlap: floa
     from lsmfm.device import resolve_device
     from lsmfm.io.volumes import open_volume
     from lsmfm.tasks.models import load_task_model
-    from lsmfm.tasks.predict import Block, PredictOptions, count_windows, normalization_bounds, predict_core
+    from lsmfm.tasks.blocks import Block, count_windows
+    from lsmfm.tasks.predict import PredictOptions, normalization_bounds, predict_core
 
     start = time.perf_counter()
     net, config = load_task_model(model, resolve_device(device))
@@ -131,7 +238,7 @@ def measure_in_memory(model: str, volume: str, compare: list[str], overlap: floa
     roi = tuple(config.patch_size)
     whole = tuple(slice(0, s) for s in vol.spatial_shape)
     prob = predict_core(net, vol.czyx, Block(whole, whole), config.normalize, bounds, roi,
-                        PredictOptions(overlap=overlap, batch_size=batch, device=device))[0]
+                        PredictOptions(overlap=overlap, batch_size=batch, device=device))[0][0]
     seconds = time.perf_counter() - start
     peak = _peak_mib()
     diff = 0.0
@@ -154,60 +261,106 @@ def child(args: list[str]) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def run_size(root: Path, size: int, args: argparse.Namespace) -> list[dict]:
-    """Generate one volume, predict it blockwise at every block size, then in memory (if small enough)."""
+def run_size(root: Path, size: int, args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
+    """Generate one volume, predict it blockwise at every block size and rank count, then in memory (if
+    small enough); with `args.resume`, the kill -9 + resume run at the largest rank count."""
     volume, model = root / f"volume{size}.zarr", root / "model"
     start = time.perf_counter()
     make_volume(volume, size)
     setup_s = time.perf_counter() - start
     common = ["--overlap", str(args.overlap), "--batch", str(args.batch), "--device", args.device,
               "--threads", str(args.threads)]
-    rows, outs = [], []
+    rows, outs, resumes = [], [], []
     for block in args.blocks:
-        out = root / f"pred{size}_{block}.zarr"
-        rows.append(child(["--measure-blockwise", str(model), str(volume), str(out), "--block", str(block),
-                           *common]))
-        outs.append(str(out))
+        for ranks in args.ranks:
+            out = root / f"pred{size}_{block}_{ranks}.zarr"
+            rows.append(blockwise(model, volume, out, block, ranks, common))
+            outs.append(out)
+        if args.resume:
+            out = root / f"resume{size}_{block}.zarr"
+            resumes.append({"size": size, **resume_overhead(model, volume, out, block, max(args.ranks), common)})
+            outs.append(out)
+    identical = [_same_store(outs[0], o) for o in outs[1:]]
     if size <= args.in_memory_up_to:
-        rows.append(child(["--measure-in-memory", str(model), str(volume), *outs, *common]))
+        rows.append(child(["--measure-in-memory", str(model), str(volume), *map(str, outs), *common]))
     float32_mib = size ** 3 * 4 / 2 ** 20
+    single = {r["method"].rsplit(",", 1)[0]: r["seconds"] for r in rows if r.get("ranks") == 1}
     for row in rows:
         growth = row["rss_peak_mib"] - row["rss_baseline_mib"]
+        base = single.get(row["method"].rsplit(",", 1)[0])
         row.update({"size": size, "volume_float32_mib": float32_mib, "setup_s": setup_s,
-                    "rss_growth_mib": growth, "growth_over_float32": growth / float32_mib,
-                    "peak_over_float32": row["rss_peak_mib"] / float32_mib,
+                    "voxels_per_s": size ** 3 / row["seconds"], "rss_growth_mib": growth,
+                    "growth_over_float32": growth / float32_mib, "peak_over_float32": row["rss_peak_mib"] / float32_mib,
                     "windows_over_one_pass": row["windows"] / row["windows_one_pass"]})
-    for path in [*outs, str(volume)]:
+        if row.get("ranks"):
+            row["voxels_per_s_per_rank"] = row["voxels_per_s"] / row["ranks"]
+            row["scaling_efficiency"] = base / row["seconds"] / row["ranks"] if base else None
+            row["files_per_tib_float32"] = row["files_written"] / (size ** 3 * 4 / 2 ** 40)
+    for resume in resumes:
+        uninterrupted = next(r["wall_s"] for r in rows if r.get("ranks") == resume["ranks"])
+        resume["uninterrupted_wall_s"] = uninterrupted
+        resume["overhead"] = resume["total_wall_s"] / uninterrupted - 1
+    rows[0]["all_outputs_identical"] = all(identical)
+    for path in [*outs, volume]:
         shutil.rmtree(path)  # disk: a 1024³ prediction is 4 GiB
-    return rows
+    return rows, resumes
+
+
+def _same_store(a: Path, b: Path) -> bool:
+    """Every array of two prediction stores equal, bit for bit (compared slab by slab)."""
+    import zarr
+
+    for level in ("0", "labels/mask/0", "1"):
+        x, y = zarr.open_array(str(a / level), mode="r"), zarr.open_array(str(b / level), mode="r")
+        for z0 in range(0, x.shape[1], SLAB):
+            if not np.array_equal(x[:, z0:z0 + SLAB], y[:, z0:z0 + SLAB]):
+                return False
+    return True
 
 
 def run(args: argparse.Namespace) -> dict:
+    import os
+
     with tempfile.TemporaryDirectory(prefix="lsmfm_predict_bench_") as tmp:
         root = Path(tmp)
         make_model(root / "model")
-        rows = [row for size in args.sizes for row in run_size(root, size, args)]
-    config = {"sizes": args.sizes, "blocks": args.blocks, "overlap": args.overlap, "batch": args.batch,
-              "patch": PATCH, "backbone": BACKBONE, "device": args.device, "threads": args.threads,
-              "in_memory_up_to": args.in_memory_up_to}
-    return {"config": config, "rows": rows}
+        load = os.getloadavg()[0]
+        rows, resumes = [], []
+        for size in args.sizes:
+            r, res = run_size(root, size, args)
+            rows += r
+            resumes += res
+    config = {"sizes": args.sizes, "blocks": args.blocks, "ranks": args.ranks, "overlap": args.overlap,
+              "batch": args.batch, "patch": PATCH, "backbone": BACKBONE, "device": args.device,
+              "threads": args.threads, "in_memory_up_to": args.in_memory_up_to, "cpu_count": os.cpu_count(),
+              "load_average_1min_start": round(load, 2), "load_average_1min_end": round(os.getloadavg()[0], 2)}
+    return {"config": config, "rows": rows, "resume": resumes}
 
 
 def table(result: dict) -> str:
     c = result["config"]
-    head = (f"uint16 OME-Zarr (chunks 64³), UNet {'-'.join(map(str, c['backbone']['channels']))} with "
+    head = (f"uint16 OME-Zarr (sharded 64³ chunks), UNet {'-'.join(map(str, c['backbone']['channels']))} with "
             f"{c['patch']}³ windows, overlap {c['overlap']}, batch {c['batch']}, {c['device']} "
-            f"({c['threads'] or 'default'} threads)")
-    cols = ["volume", "method", "s", "Mvox/s", "windows", "x 1 pass", "RSS base", "RSS peak", "growth MiB",
-            "growth/f32", "peak/f32", "max |diff|"]
-    lines = [[f"{r['size']}³ ({r['volume_float32_mib']:.0f} MiB f32)", r["method"], f"{r['seconds']:.1f}",
-              f"{r['voxels_per_s'] / 1e6:.2f}", str(r["windows"]), f"{r['windows_over_one_pass']:.2f}",
-              f"{r['rss_baseline_mib']:.0f}", f"{r['rss_peak_mib']:.0f}", f"{r['rss_growth_mib']:.0f}",
-              f"{r['growth_over_float32']:.2f}", f"{r['peak_over_float32']:.2f}",
+            f"({c['threads'] or 'default'} threads per rank), {c['cpu_count']} cores, load "
+            f"{c['load_average_1min_start']}-{c['load_average_1min_end']}")
+    cols = ["volume", "method", "s", "Mvox/s", "Mvox/s/rank", "scaling", "windows", "x 1 pass", "peak MiB/rank",
+            "growth/f32", "files/TiB", "max |diff|"]
+    lines = [[f"{r['size']}³", r["method"], f"{r['seconds']:.1f}", f"{r['voxels_per_s'] / 1e6:.2f}",
+              f"{r.get('voxels_per_s_per_rank', r['voxels_per_s']) / 1e6:.2f}",
+              f"{r['scaling_efficiency']:.2f}" if r.get("scaling_efficiency") else "-", str(r["windows"]),
+              f"{r['windows_over_one_pass']:.2f}", f"{r['rss_peak_mib']:.0f}", f"{r['growth_over_float32']:.2f}",
+              f"{r['files_per_tib_float32']:.0f}" if "files_per_tib_float32" in r else "-",
               f"{r['max_abs_diff_vs_blockwise']:.1e}" if "max_abs_diff_vs_blockwise" in r else "-"]
              for r in result["rows"]]
     widths = [max(len(col), *(len(v[i]) for v in lines)) for i, col in enumerate(cols)]
-    rows = ("  ".join(v.rjust(w) for v, w in zip(vals, widths)) for vals in [cols, *lines])
+    rows = ["  ".join(v.rjust(w) for v, w in zip(vals, widths)) for vals in [cols, *lines]]
+    for r in result["resume"]:
+        rows.append(f"resume, {r['size']}³ on {r['ranks']} ranks: killed (-9) after {r['killed_after_s']:.0f} s "
+                    f"with {r['blocks_done_when_killed']}/{r['blocks']} blocks done; the re-run resumed "
+                    f"{r['blocks_resumed']} and took {r['rerun_wall_s']:.0f} s; total {r['total_wall_s']:.0f} s "
+                    f"vs {r['uninterrupted_wall_s']:.0f} s uninterrupted: overhead {100 * r['overhead']:.0f} %")
+    if result["rows"]:
+        rows.append(f"all blockwise outputs identical bit for bit: {result['rows'][0]['all_outputs_identical']}")
     return "\n".join([head, *rows])
 
 
@@ -217,6 +370,10 @@ def main() -> int:
                         help="edges of the cubic volumes (512)")
     parser.add_argument("--blocks", type=int, nargs="+", default=[128, 256],
                         help="`lsmfm predict --block` values to measure (128 256)")
+    parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2],
+                        help="rank counts of the blockwise runs (torchrun above 1; default 1 2)")
+    parser.add_argument("--resume", action="store_true",
+                        help="also kill -9 a run at half its blocks and resume it (largest rank count)")
     parser.add_argument("--in-memory-up-to", type=int, default=512,
                         help="run the in-memory baseline for volumes up to this edge (512)")
     parser.add_argument("--overlap", type=float, default=0.25)

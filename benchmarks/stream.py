@@ -12,6 +12,8 @@ from other jobs on a shared machine; the DataLoader row runs alone after them: i
       ScaleIntensityRangePercentiles (0.5-99.5 %) and Resize to 64³;
   (c) the ceiling: blosc decoding of the chunk bytes (already in memory, into a reused buffer) that cover
       the same patches as (a): the decompression (a) cannot avoid, and nothing else.
+Both store layouts are measured (`--layout both`): sharded (lsmfm's default, 4³ chunks of 64³ per file,
+read through the shard index) and plain (one file per chunk).
 Data: the real pretraining patches of ../shared/data/lsm_fm_samples/pretrain (each a 96³ volume, so a 96³
 patch is the whole image) when present, else synthetic 192³ volumes with 96³ NIfTI patches cut from them;
 `--data both` also runs the synthetic set, whose random patch positions cross chunk borders.
@@ -44,20 +46,23 @@ class BenchData:
     niftis: list[Path]
 
 
-def prepare_real(work: Path) -> BenchData:
+LAYOUTS = {"sharded": 4, "plain": 1}  # chunks per shard side: lsmfm's default, and one file per chunk
+
+
+def prepare_real(work: Path, layout: str) -> BenchData:
     """Ingest the 10 real pretraining patches (catalog with their text prompts) via the paper importer."""
     from lsmfm.data.catalog.paper import import_paper
 
-    catalog = work / "real" / "catalog.yaml"
+    catalog = work / f"real_{layout}" / "catalog.yaml"
     if not catalog.exists():
-        import_paper(PAPER / "wu_brain_patches", PAPER / "text_prompts_wu.json", work / "real" / "stores",
-                     catalog, progress=False)
+        import_paper(PAPER / "wu_brain_patches", PAPER / "text_prompts_wu.json",
+                     work / f"real_{layout}" / "stores", catalog, progress=False, shard=LAYOUTS[layout])
     niftis = sorted(PAPER.glob("wu_brain_patches/*/input/*.nii.gz"))
     return BenchData("real", f"{len(niftis)} real 96³ uint16 patches of lsm_fm_samples/pretrain (gzipped "
-                             "NIfTI) and their OME-Zarr stores", catalog, niftis)
+                             f"NIfTI) and their OME-Zarr stores ({layout})", catalog, niftis)
 
 
-def prepare_synthetic(work: Path, size: int = 192, patches_per_volume: int = 5) -> BenchData:
+def prepare_synthetic(work: Path, layout: str, size: int = 192, patches_per_volume: int = 5) -> BenchData:
     """Two synthetic volumes ingested to OME-Zarr, and 96³ gzipped NIfTI patches cut from them."""
     from lsmfm.data.catalog.entries import write_catalog
     from lsmfm.data.ingest.convert import ingest_array
@@ -65,16 +70,16 @@ def prepare_synthetic(work: Path, size: int = 192, patches_per_volume: int = 5) 
     from lsmfm.data.synthetic.write import write_nifti
 
     root = work / "synthetic"
-    catalog = root / "catalog.yaml"
+    catalog = root / f"catalog_{layout}.yaml"
     niftis = sorted(root.glob("nifti/*.nii.gz"))
     if not catalog.exists():
         (root / "nifti").mkdir(parents=True, exist_ok=True)
         entries = []
         for i, structure in enumerate(("cell_nucleus", "vessels")):
             vol = generate_volume(preset_config(structure, (size,) * 3, seed=i))
-            ingest_array(vol.image, vol.voxel_size, root / f"{structure}.zarr", progress=False,
-                         overwrite=True)
-            entries.append({"id": structure, "store": f"{structure}.zarr",
+            ingest_array(vol.image, vol.voxel_size, root / f"{structure}_{layout}.zarr", progress=False,
+                         overwrite=True, shard=LAYOUTS[layout])
+            entries.append({"id": structure, "store": f"{structure}_{layout}.zarr",
                             "descriptions": [f"synthetic {structure}"]})
             rng = np.random.default_rng(i)
             for k in range(patches_per_volume):
@@ -83,8 +88,8 @@ def prepare_synthetic(work: Path, size: int = 192, patches_per_volume: int = 5) 
                 write_nifti(root / "nifti" / f"{structure}_{k}.nii.gz", patch, vol.voxel_size)
         write_catalog(catalog, entries)
         niftis = sorted(root.glob("nifti/*.nii.gz"))
-    return BenchData("synthetic", f"2 synthetic {size}³ uint16 volumes (OME-Zarr) and {len(niftis)} 96³ "
-                                  "gzipped NIfTI patches cut from them", catalog, niftis)
+    return BenchData("synthetic", f"2 synthetic {size}³ uint16 volumes (OME-Zarr, {layout}) and {len(niftis)} "
+                                  "96³ gzipped NIfTI patches cut from them", catalog, niftis)
 
 
 def stream_config(catalog: Path, augment: bool = False, target: list[float] | None = None):
@@ -174,44 +179,50 @@ def nifti_sample(files: list[Path], transforms: bool = True) -> Callable[[int], 
     return one
 
 
-def chunk_files(image, start: tuple[int, ...]) -> list[Path]:
-    """The chunk files of the read level that a region touches (default chunk key encoding, '/')."""
+def chunk_payloads(image, start: tuple[int, ...]) -> tuple[object, list[bytes]]:
+    """(layout, the compressed bytes of every stored chunk a patch region touches): chunk files, or the
+    inner chunks of shards, located through the shard index as lsmfm's reader does."""
     from itertools import product
 
-    level = Path(image.array_path)
-    meta = json.loads((level / "zarr.json").read_text())
-    codecs = [c["name"] for c in meta["codecs"]]
-    if codecs != ["bytes", "blosc"] or meta["chunk_key_encoding"]["name"] != "default":
-        raise SystemExit(f"{level}: the decode ceiling expects bytes+blosc chunks, found {codecs}")
-    chunks = meta["chunk_grid"]["configuration"]["chunk_shape"]
-    spatial = dict(zip("zyx", zip(start, image.region)))
-    ranges = []
-    for axis, size in zip(image.axes, chunks):
-        if axis in spatial:
-            s, r = spatial[axis]
-            ranges.append(range(s // size, (s + r - 1) // size + 1))
-        else:
-            ranges.append([image.channel // size if axis == "c" else 0])
-    files = [level.joinpath("c", *map(str, idx)) for idx in product(*ranges)]
-    return [f for f in files if f.exists()]  # absent chunks are fill values: nothing to decode
+    from lsmfm.io.chunk_reader import ChunkReader, open_reader
+    from lsmfm.io.chunks import ShardIndex
+
+    reader = open_reader(image.array_path)
+    if not isinstance(reader, ChunkReader) or reader.layout.compressor != "blosc":
+        raise SystemExit(f"{image.array_path}: the decode ceiling expects lsmfm's blosc chunks")
+    layout = reader.layout
+    index = image.index(tuple(slice(s, s + r) for s, r in zip(start, image.region)))
+    bounds = [(i, i + 1) if isinstance(i, int) else (i.start, i.stop) for i in index]
+    payloads = []
+    for key in product(*(range(lo // c, (hi - 1) // c + 1) for (lo, hi), c in zip(bounds, layout.chunks))):
+        if not layout.sharded:
+            payloads.append(layout.object_path(key).read_bytes())
+            continue
+        shard = tuple(k // p for k, p in zip(key, layout.per_object))
+        inner = tuple(k % p for k, p in zip(key, layout.per_object))
+        with open(layout.object_path(shard), "rb") as fh:
+            entry = ShardIndex(layout, layout.object_path(shard), fh.fileno()).entry(inner)
+            payloads.append(os.pread(fh.fileno(), entry[1], entry[0]))
+    return layout, payloads
 
 
 def decode_ceiling(cfg, indices: int) -> tuple[Callable[[int], object], float, float]:
     """Blosc decoding of the chunk bytes covering the same patches as (a), into a reused buffer: the
     decompression work of (a) and nothing else. Returns (fn, chunks per patch, compressed MB per patch)."""
-    from lsmfm.data.stream.chunk_reader import open_reader
     from lsmfm.data.stream.dataset import PatchStream
+    from lsmfm.io.chunks import ChunkDecoder
 
     stream = PatchStream(cfg, seed=0)
-    readers, payloads = {}, []
+    decoders, payloads = {}, []
     for i in range(indices):
         draw = stream.locate(i)
-        reader = readers.setdefault(draw.image.array_path, open_reader(draw.image.array_path))
-        payloads.append([(reader, f.read_bytes()) for f in chunk_files(draw.image, draw.start)])
+        layout, chunks = chunk_payloads(draw.image, draw.start)
+        decoder = decoders.setdefault(draw.image.array_path, ChunkDecoder(layout))
+        payloads.append([(decoder, data) for data in chunks])
 
     def decode(i: int) -> None:
-        for reader, data in payloads[i]:
-            reader.codec.decode(data, out=reader.buffer)
+        for decoder, data in payloads[i]:
+            decoder.codec.decode(data, out=decoder.buffer)
 
     sizes = [sum(len(d) for _, d in p) for p in payloads]
     return decode, float(np.mean([len(p) for p in payloads])), float(np.mean(sizes) / 1e6)
@@ -225,7 +236,7 @@ def voxel_sizes(catalog: Path) -> list[tuple[float, float, float]]:
             for entry in load_catalog(catalog) for image in entry.images()]
 
 
-def run_section(data: BenchData, n: int, workers: int, batch: int = 4) -> dict:
+def run_section(data: BenchData, layout: str, n: int, workers: int, batch: int = 4) -> dict:
     images = len(voxel_sizes(data.catalog))
     warmup = 4 * images  # every image opened and its foreground map built before timing
     to64 = [float(v) * 1.5 for v in np.min(voxel_sizes(data.catalog), axis=0)]  # 96 finest voxels -> 64
@@ -242,7 +253,7 @@ def run_section(data: BenchData, n: int, workers: int, batch: int = 4) -> dict:
                  2 * workers + 2, batch, steady=False),
     ])
     return {
-        "data": data.kind, "data_description": data.description, "patches_timed": n,
+        "data": data.kind, "layout": layout, "data_description": data.description, "patches_timed": n,
         **{f"{k}_patches_per_s": round(v, 2) for k, v in rows.items()},
         "lsmfm_vs_baseline": round(rows["lsmfm"] / rows["nifti_baseline"], 2),
         "lsmfm_vs_ceiling": round(rows["lsmfm"] / rows["decode_ceiling"], 3),
@@ -251,7 +262,8 @@ def run_section(data: BenchData, n: int, workers: int, batch: int = 4) -> dict:
 
 
 def format_section(s: dict) -> str:
-    lines = [f"data: {s['data']} - {s['data_description']}", f"{'pipeline':<46} {'patches/s':>10}"]
+    lines = [f"data: {s['data']}, {s['layout']} - {s['data_description']}",
+             f"{'pipeline':<46} {'patches/s':>10}"]
     for key, value in s.items():
         if key.endswith("_patches_per_s"):
             lines.append(f"{key.removesuffix('_patches_per_s'):<46} {value:>10.1f}")
@@ -267,6 +279,9 @@ def main() -> int:
     parser.add_argument("--n", type=int, default=80, help="patches timed per pipeline (default 80)")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers, loader row (default 2)")
     parser.add_argument("--data", choices=("auto", "real", "synthetic", "both"), default="auto")
+    parser.add_argument("--layout", choices=("sharded", "plain", "both"), default="both",
+                        help="store layout: sharded (4³ chunks per file, the default) and/or plain (a file per "
+                             "chunk); default both")
     parser.add_argument("--workdir", type=Path, default=None, help="keep (and reuse) the stores here")
     args = parser.parse_args()
     import torch
@@ -279,10 +294,12 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="lsmfm_bench_") as tmp:
         work = args.workdir or Path(tmp)
         sections = []
+        layouts = list(LAYOUTS) if args.layout == "both" else [args.layout]
         for kind in kinds:
-            data = prepare_real(work) if kind == "real" else prepare_synthetic(work)
-            sections.append(run_section(data, args.n, args.workers))
-            print(format_section(sections[-1]), flush=True)
+            for layout in layouts:
+                data = prepare_real(work, layout) if kind == "real" else prepare_synthetic(work, layout)
+                sections.append(run_section(data, layout, args.n, args.workers))
+                print(format_section(sections[-1]), flush=True)
     result = {**sections[0], "cpu_count": os.cpu_count(), "torch_threads": 1,
               "load_average_1min": round(os.getloadavg()[0], 2), "sections": sections}
     if args.json is not None:
