@@ -71,3 +71,8 @@ def test_linear_warmups_for_temperature_and_mask_ratio():
     assert schedules.teacher_temperature(99, 10, 0.04, 0.07) == pytest.approx(0.07)
     assert schedules.mask_ratio(3, 4, 0.2, 0.6) == pytest.approx(0.5)
     assert schedules.mask_ratio(3, 0, 0.2, 0.6) == pytest.approx(0.6)
+
+
+def test_step_warmup_of_the_mask_ratio():
+    """The paper's schedule: mask_ratio_warmup for the warm-up epochs, then mask_ratio."""
+    assert [schedules.mask_ratio(s, 20, 0.05, 0.3, "step") for s in (0, 19, 20, 500)] == [0.05, 0.05, 0.3, 0.3]

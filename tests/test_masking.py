@@ -1,10 +1,12 @@
-"""Block masking: achieved ratio, alignment of blocks to their sizes, mixing of sizes, fill."""
+"""Block masking: achieved ratio, alignment of blocks to their sizes, mixing of sizes, the paper's
+one-size-per-sample scheme, fill."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from lsmfm.models.masking import MaskConfig, apply_mask, generate_block_mask, mask_loop_reference
+from lsmfm.models.masking import (MaskConfig, apply_mask, block_mask, generate_block_mask,
+                                  generate_sample_block_mask, mask_loop_reference)
 
 
 def cubes(mask: torch.Tensor, size: int) -> torch.Tensor:
@@ -75,3 +77,64 @@ def test_apply_mask_token_gets_gradient_and_constant_fill():
     assert token.grad.item() == pytest.approx(float(mask.sum()))
     const = apply_mask(images, mask, -1.0)
     assert torch.all(const[:, 0][mask] == -1.0)
+
+
+def paper_patch_mask(batch: int, size: int, base: int, ratio: float, gen: torch.Generator) -> torch.Tensor:
+    """The paper's `generate_patch_mask` (pretrain_module_unet.py), transcribed: a coin flip between the
+    base block size and twice it per sample, then randperm over that size's grid, max(1, int(r * N))."""
+    mask = torch.zeros((batch, size, size, size), dtype=torch.bool)
+    for b in range(batch):
+        s = base if torch.rand((), generator=gen) < 0.5 else base * 2
+        n = size // s
+        k = max(1, int(ratio * n ** 3))
+        for idx in torch.randperm(n ** 3, generator=gen)[:k]:
+            z, y, x = (idx // (n * n)) * s, ((idx % (n * n)) // n) * s, (idx % n) * s
+            mask[b, z:z + s, y:y + s, x:x + s] = True
+    return mask
+
+
+def sample_sizes(mask: torch.Tensor) -> list[int]:
+    """Per sample, the largest of (16, 8) whose aligned cubes are each all or nothing."""
+    sizes = []
+    for m in mask:
+        c16 = cubes(m[None], 16)[0]
+        sizes.append(16 if torch.all(c16.all(-1) | ~c16.any(-1)) else 8)
+    return sizes
+
+
+@pytest.mark.parametrize("ratio", [0.05, 0.3, 0.55])
+def test_sample_mask_one_size_per_sample_and_paper_block_count(ratio):
+    mask = generate_sample_block_mask(64, (64, 64, 64), [8, 16], ratio, generator=4)
+    sizes = sample_sizes(mask)
+    for m, s in zip(mask, sizes):
+        c = cubes(m[None], s)[0]
+        assert torch.all(c.all(-1) | ~c.any(-1)), "a block is not aligned to its own size"
+        n = (64 // s) ** 3
+        assert int(c.all(-1).sum()) == max(1, int(ratio * n))  # exactly the paper's count of blocks
+    # the coin flip: both sizes, each for about half of the samples (binomial(64, 0.5): 20..44 at p > 0.999)
+    assert 20 <= sizes.count(16) <= 44, sizes
+
+
+def test_sample_mask_matches_the_paper_loop_in_distribution():
+    """Per-voxel masking frequency and the masked fraction per size agree with the transcribed loop."""
+    gen = torch.Generator().manual_seed(0)
+    ref = paper_patch_mask(400, 32, 8, 0.3, gen)
+    ours = generate_sample_block_mask(400, (32, 32, 32), [8, 16], 0.3, generator=1)
+    assert sorted(set(ref.float().mean(dim=(1, 2, 3)).tolist())) == \
+        sorted(set(ours.float().mean(dim=(1, 2, 3)).tolist())) == [0.25, 0.296875]
+    # every voxel is masked with the same probability (~0.27), in both
+    for m in (ref, ours):
+        per_voxel = m.float().mean(0)
+        assert abs(float(per_voxel.mean()) - 0.273) < 0.01 and float(per_voxel.std()) < 0.05
+
+
+def test_sample_mask_minimum_one_block_seeded_and_dispatch():
+    assert int(generate_sample_block_mask(2, (32, 32, 32), [16], 0.0, generator=0).sum()) == 2 * 16 ** 3
+    a = generate_sample_block_mask(3, (32, 32, 32), [8, 16], 0.3, generator=5)
+    assert torch.equal(a, generate_sample_block_mask(3, (32, 32, 32), [8, 16], 0.3, generator=5))
+    cfg = MaskConfig(size_choice="sample")
+    assert torch.equal(block_mask(cfg, 3, (32, 32, 32), 0.3, generator=5), a)
+    assert torch.equal(block_mask(MaskConfig(), 2, (32, 32, 32), 0.5, generator=7),
+                       generate_block_mask(2, (32, 32, 32), [8, 16], 0.5, generator=7))
+    with pytest.raises(ValueError, match="divisible"):
+        generate_sample_block_mask(1, (40, 32, 32), [8, 16], 0.5)

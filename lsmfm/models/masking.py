@@ -11,6 +11,11 @@ How `generate_block_mask` works (no Python loop over blocks):
    whole blocks are masked and the achieved ratio is within one block of the target.
 5. The cell mask is upsampled to voxels.
 
+`generate_sample_block_mask` is the paper's scheme (`size_choice: sample`), batched: one block size per
+sample (uniform over `block_sizes`, a coin flip for [8, 16]) and exactly floor(ratio * N) of the N blocks of
+that size's aligned grid (at least one), a uniform random subset as `randperm(N)[:k]` draws it.
+`block_mask` picks between the two by `MaskConfig.size_choice`.
+
 `mask_loop_reference` is the per-block Python loop the paper's code uses; it exists only so the
 benchmark can measure the speed-up.
 
@@ -35,17 +40,23 @@ class MaskConfig:
     Args:
         block_sizes: cubic block edge lengths in voxels; each a multiple of the smallest and a divisor
             of the largest (patch sizes must be multiples of the largest).
+        size_choice: "region": a block size per largest-block region, so sizes mix within a patch;
+            "sample": one size per sample (the paper's), floor(ratio * N) blocks of its aligned grid.
         ratio: fraction of voxels masked after the warm-up.
-        ratio_start: fraction masked at step 0, ramped linearly to `ratio` over `warmup_steps`.
-        warmup_steps: length of that ramp (0: `ratio` from the start).
+        ratio_start: fraction masked at step 0, going to `ratio` over `warmup_steps`.
+        ratio_schedule: "linear": a linear ramp from ratio_start to ratio; "step": ratio_start for the
+            first `warmup_steps` steps, then ratio (the paper's warm-up epochs).
+        warmup_steps: length of that warm-up (0: `ratio` from the start).
         fill: "token" replaces masked voxels by a learnable per-channel mask token; "constant" by
             `fill_value` (0.0 is the bottom of the percentile-normalised intensity range).
         fill_value: the constant used when fill is "constant" (and the mask token's initial value).
     """
 
     block_sizes: list[int] = field(default_factory=lambda: [8, 16])
+    size_choice: Literal["region", "sample"] = "region"
     ratio: float = 0.6
     ratio_start: float = 0.3
+    ratio_schedule: Literal["linear", "step"] = "linear"
     warmup_steps: int = 0
     fill: Literal["token", "constant"] = "token"
     fill_value: float = 0.0
@@ -131,6 +142,46 @@ def generate_block_mask(batch: int, spatial_shape: Sequence[int], block_sizes: S
         threshold = torch.kthvalue(score, n_cells - n_masked, dim=1, keepdim=True).values
         cell_mask = score > threshold
     return _upsample(cell_mask.reshape(batch, *cells), small)
+
+
+def generate_sample_block_mask(batch: int, spatial_shape: Sequence[int], block_sizes: Sequence[int],
+                               ratio: float, generator: torch.Generator | int | None = None,
+                               device: torch.device | str | None = None) -> torch.Tensor:
+    """Boolean mask (batch, D, H, W), True = masked: one block size per sample, the paper's masking.
+
+    Each sample draws its size uniformly from `block_sizes`, then max(1, floor(ratio * N)) distinct
+    blocks of the N blocks on that size's aligned grid, uniformly (the top-k of random scores is a
+    uniform random subset, as `randperm(N)[:k]`). Arguments as for `generate_block_mask`.
+    """
+    check_block_sizes(block_sizes)
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    shape = tuple(int(s) for s in spatial_shape)
+    if len(shape) != 3 or any(s % max(block_sizes) for s in shape):
+        raise ValueError(f"spatial shape {shape} must be 3D and divisible by the largest block size "
+                         f"{max(block_sizes)}")
+    gen = _generator(generator, device)
+    sizes = sorted(set(int(s) for s in block_sizes))
+    choice = torch.randint(len(sizes), (batch,), generator=gen, device=device)
+    mask = torch.zeros((batch, *shape), dtype=torch.bool, device=device)
+    for i, size in enumerate(sizes):
+        rows = (choice == i).nonzero().flatten()
+        if len(rows) == 0:
+            continue
+        grid = tuple(n // size for n in shape)
+        n_blocks = grid[0] * grid[1] * grid[2]
+        k = min(n_blocks, max(1, int(ratio * n_blocks)))
+        picked = torch.rand((len(rows), n_blocks), generator=gen, device=device).topk(k, dim=1).indices
+        cells = torch.zeros((len(rows), n_blocks), dtype=torch.bool, device=device).scatter_(1, picked, True)
+        mask[rows] = _upsample(cells.reshape(len(rows), *grid), size)
+    return mask
+
+
+def block_mask(cfg: MaskConfig, batch: int, spatial_shape: Sequence[int], ratio: float,
+               generator: torch.Generator | int | None = None,
+               device: torch.device | str | None = None) -> torch.Tensor:
+    """The batch's mask by `cfg.size_choice`: mixed sizes per region, or one size per sample."""
+    make = generate_sample_block_mask if cfg.size_choice == "sample" else generate_block_mask
+    return make(batch, spatial_shape, cfg.block_sizes, ratio, generator=generator, device=device)
 
 
 def mask_loop_reference(batch: int, spatial_shape: Sequence[int], block_sizes: Sequence[int], ratio: float,

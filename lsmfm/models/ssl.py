@@ -34,7 +34,7 @@ from lsmfm.losses.distillation import DistillationLoss, entropy
 from lsmfm.losses.reconstruction import MaskedReconstructionLoss
 from lsmfm.models.backbones.registry import BackboneConfig, build_backbone, default_backbone_config
 from lsmfm.models.heads import ProjectionHead, ReconstructionHead
-from lsmfm.models.masking import MaskConfig, apply_mask, generate_block_mask
+from lsmfm.models.masking import MaskConfig, apply_mask, block_mask
 from lsmfm.models.text import TextConfig, TextEncoder
 from lsmfm.training import schedules
 from lsmfm.training.ema import update_ema
@@ -206,9 +206,9 @@ class SSLModel(nn.Module):
                                              d.teacher_temp)
 
     def mask_ratio(self, step: int) -> float:
-        """Target masked fraction at `step` (linear warm-up from masking.ratio_start)."""
+        """Target masked fraction at `step` (warm-up from masking.ratio_start by masking.ratio_schedule)."""
         m = self.config.masking
-        return schedules.mask_ratio(step, m.warmup_steps, m.ratio_start, m.ratio)
+        return schedules.mask_ratio(step, m.warmup_steps, m.ratio_start, m.ratio, m.ratio_schedule)
 
     def param_groups(self, weight_decay: float) -> list[dict]:
         """Optimizer groups, each {"name", "params", "weight_decay"}; empty groups are left out.
@@ -248,8 +248,8 @@ class SSLModel(nn.Module):
             raise ValueError(f"use_text is on: need one description per patch, got {texts!r:.80} for "
                              f"{images.shape[0]} patches")
         cfg = self.config
-        mask = generate_block_mask(images.shape[0], images.shape[2:], cfg.masking.block_sizes,
-                                   self.mask_ratio(step), device=images.device)
+        mask = block_mask(cfg.masking, images.shape[0], images.shape[2:], self.mask_ratio(step),
+                          device=images.device)
         fill = self.mask_token if self.mask_token is not None else cfg.masking.fill_value
         masked = apply_mask(images, mask, fill)
         feats = self.student.backbone(masked)

@@ -45,6 +45,13 @@ def teacher_temperature(step: int, warmup_steps: int, start: float = 0.04, end: 
     return linear_warmup(step, warmup_steps, start, end)
 
 
-def mask_ratio(step: int, warmup_steps: int, start: float, end: float) -> float:
-    """Fraction of voxels masked: easy (low) at first, ramping linearly to the target ratio."""
+def step_warmup(step: int, warmup_steps: int, start: float, end: float) -> float:
+    """`start` for the first `warmup_steps` steps, then `end`."""
+    return start if step < warmup_steps else end
+
+
+def mask_ratio(step: int, warmup_steps: int, start: float, end: float, kind: str = "linear") -> float:
+    """Fraction of voxels masked: easy (low) at first, then the target ratio, by a linear ramp or a step."""
+    if kind == "step":
+        return step_warmup(step, warmup_steps, start, end)
     return linear_warmup(step, warmup_steps, start, end)
