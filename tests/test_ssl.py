@@ -12,7 +12,8 @@ from lsmfm.models.backbones.registry import build_backbone
 from lsmfm.models.backbones.unet import UNetConfig
 from lsmfm.models.heads import ProjectionHead, ReconstructionHead
 from lsmfm.models.masking import MaskConfig
-from lsmfm.models.ssl import ClipConfig, DistillConfig, SSLConfig, SSLModel
+from lsmfm.losses.clip import ClipLoss, text_ids
+from lsmfm.models.ssl import ClipConfig, DistillConfig, ReconConfig, SSLConfig, SSLModel
 from lsmfm.models.text import TextConfig
 from ssl_helpers import blobs, write_tiny_bert
 
@@ -68,6 +69,37 @@ def test_projection_head_per_voxel_equals_per_row_and_is_bounded():
     assert dense.shape == (2, 32, 3, 4, 5) and torch.allclose(dense, rows, atol=1e-6)
     assert dense.abs().max() <= 1.0 + 1e-6  # cosine logits
     assert ReconstructionHead(16, 1, 8)(x).shape == (2, 1, 3, 4, 5)
+
+
+def test_paper_head_forms_light_decoder_and_mlp_layernorm(tiny_bert):
+    """recon.decoder: two_conv is the paper's LightDecoder; clip.head: mlp its image_proj / text_proj."""
+    decoder = ReconstructionHead(16, 1, 64, form="two_conv")
+    convs = [m for m in decoder.net if isinstance(m, torch.nn.Conv3d)]
+    assert [(c.in_channels, c.out_channels, c.kernel_size) for c in convs] == \
+        [(16, 64, (3, 3, 3)), (64, 32, (3, 3, 3)), (32, 1, (1, 1, 1))]
+    assert sum(isinstance(m, torch.nn.ReLU) for m in decoder.net) == 2
+    assert not any(isinstance(m, torch.nn.InstanceNorm3d) for m in decoder.net)
+    torch.manual_seed(0)
+    cfg = tiny_config(tiny_bert, recon=ReconConfig(decoder="two_conv", hidden_dim=8))
+    cfg.clip = ClipConfig(embed_dim=16, head="mlp", align_weight=0.5)
+    model = SSLModel(cfg)
+    for proj, width in ((model.student.image_proj, 16), (model.text_encoder.proj, 32)):
+        kinds = [type(m).__name__ for m in proj]
+        assert kinds == ["Linear", "ReLU", "Linear", "LayerNorm"] and proj[0].in_features == width
+    out = model(blobs(2), TEXTS, step=20, max_steps=30)
+    assert all(torch.isfinite(v) for v in out.terms.values())
+    out.loss.backward()
+    assert model.student.image_proj[3].weight.grad is not None
+    assert model.text_encoder.proj[0].weight.grad is not None
+
+
+def test_align_detach_text_moves_only_the_image_side():
+    img = torch.randn(3, 4, requires_grad=True)
+    txt = torch.randn(3, 4, requires_grad=True)
+    ClipLoss(align_detach_text=True)(img, txt, text_ids(list("abc"))).align.backward()
+    assert txt.grad is None and img.grad.abs().sum() > 0
+    ClipLoss()(img, txt, text_ids(list("abc"))).align.backward()
+    assert txt.grad.abs().sum() > 0
 
 
 def test_image_only_builds_no_text_model(monkeypatch):

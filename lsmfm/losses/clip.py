@@ -62,10 +62,13 @@ class ClipLoss(nn.Module):
     Args:
         init_temperature: initial softmax temperature (CLIP: 0.07); learned as log(1/T).
         max_logit_scale: upper clamp of 1/T (CLIP: 100) so the logits cannot blow up.
+        align_detach_text: the align term moves the image embedding only (the paper's); else both.
     """
 
-    def __init__(self, init_temperature: float = 0.07, max_logit_scale: float = 100.0) -> None:
+    def __init__(self, init_temperature: float = 0.07, max_logit_scale: float = 100.0,
+                 align_detach_text: bool = False) -> None:
         super().__init__()
+        self.align_detach_text = align_detach_text
         if not 0.0 < init_temperature <= 1.0 or max_logit_scale <= 1.0:
             raise ValueError(f"need 0 < init_temperature <= 1 and max_logit_scale > 1, got "
                              f"{init_temperature}, {max_logit_scale}")
@@ -85,7 +88,7 @@ class ClipLoss(nn.Module):
                              f"{tuple(text_features.shape)}, ids {tuple(ids.shape)}")
         img = F.normalize(image_features.float(), dim=-1)
         txt = F.normalize(text_features.float(), dim=-1)
-        align = (1.0 - (img * txt).sum(dim=-1)).mean()
+        align = (1.0 - (img * (txt.detach() if self.align_detach_text else txt)).sum(dim=-1)).mean()
         all_img, all_txt = gather_with_local_grad(img), gather_with_local_grad(txt)
         all_ids = gather_with_local_grad(ids)
         scale = self.logit_scale.clamp(max=self.max_log_scale).exp()

