@@ -1,6 +1,7 @@
 """Patch augmentations: seeded reproducibility, what each transform does to values, config checks."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -62,10 +63,45 @@ def test_disabled_or_zero_probabilities_are_identity_and_meta_tracking_is_restor
     assert type(out) is torch.Tensor and out.dtype == torch.float32 and get_track_meta() == before
 
 
+def test_paper_transforms_affine_smoothing_joint_flip_and_clip():
+    """The paper's extra transforms (all_datasets_transforms.get_train_transforms) against MONAI's own."""
+    from monai.transforms import RandAffine, RandGaussianSmooth
+
+    x = _x()
+    joint = Augmenter(AugmentConfig(**{**NONE, "flip_prob": 1.0, "flip_axes": "all"}))(x, 0)
+    assert torch.equal(joint, torch.flip(x, dims=(1, 2, 3)))
+    kept = [Augmenter(AugmentConfig(**{**NONE, "flip_prob": 0.5, "flip_axes": "all"}))(x, s) for s in range(8)]
+    assert all(torch.equal(k, x) or torch.equal(k, joint) for k in kept)  # all three axes or none
+    affine = Augmenter(AugmentConfig(**{**NONE, "affine_prob": 1.0}))(x, 2)
+    ref = RandAffine(prob=1.0, rotate_range=(0.1,) * 3, scale_range=(0.1,) * 3, padding_mode="reflection")
+    compose_seeds = np.random.RandomState(2).randint(2**32, size=5, dtype="uint32")  # as MONAI's Compose
+    ref.set_random_state(seed=int(compose_seeds[4]))  # draws them: affine is the 5th after 3 flips, rot90
+    assert affine.shape == x.shape and not torch.equal(affine, x)
+    assert torch.allclose(affine, torch.as_tensor(ref(x)), atol=1e-6)
+    smooth = Augmenter(AugmentConfig(**{**NONE, "smooth_prob": 1.0, "smooth_sigma": [1.0, 1.0]}))(x, 3)
+    direct = RandGaussianSmooth(sigma_x=(1.0, 1.0), sigma_y=(1.0, 1.0), sigma_z=(1.0, 1.0), prob=1.0)(x)
+    assert torch.allclose(smooth, torch.as_tensor(direct), atol=1e-6) and smooth.std() < 0.5 * x.std()
+    loud = AugmentConfig(**{**NONE, "shift_prob": 1.0, "shift": 0.9, "noise_prob": 1.0, "noise_std": 0.5})
+    assert Augmenter(loud)(x, 4).max() > 1.0
+    clipped = Augmenter(AugmentConfig(**{**loud.__dict__, "clip": True}))(x, 4)
+    assert clipped.min() >= 0.0 and clipped.max() <= 1.0
+
+
+def test_default_transform_list_is_unchanged_by_the_new_options():
+    """Options off by default add no MONAI transform, so every seed of the default list stays as it was."""
+    names = [type(t).__name__ for t in Augmenter(AugmentConfig()).transform.transforms]
+    assert names == ["RandFlip"] * 3 + ["RandRotate90", "RandScaleIntensity", "RandShiftIntensity",
+                                         "RandAdjustContrast"]
+    assert Augmenter(AugmentConfig()).smooth is None
+
+
 @pytest.mark.parametrize("override, fragment", [
     ("flip_prob=1.5", "augment.flip_prob must be in"),
     ("gamma=[2, 1]", "augment.gamma"),
     ("noise_std=-1", "augment.noise_std"),
+    ("affine_scale=1.5", "augment.affine_scale"),
+    ("smooth_sigma=[2, 1]", "augment.smooth_sigma"),
+    ("flip_axes=some", "flip_axes must be one of"),
 ])
 def test_bad_augment_config(override, fragment):
     with pytest.raises(ConfigError, match=fragment):

@@ -171,6 +171,31 @@ def test_target_voxel_size_picks_level_and_resamples(stores):
     assert PatchStream(cfg, seed=0).sample(0)["image"].shape == (1, 16, 16, 16)
 
 
+def test_read_size_and_trilinear_resize_reproduce_the_paper_load_transforms(stores):
+    """read_size 24³ -> patch 16³ with per-patch percentiles 1/99 and trilinear resizing is the paper's
+    get_load_transforms (ScaleIntensityRangePercentiles on the file's patch, then Resize), by MONAI."""
+    from monai.transforms import Compose, Resize, ScaleIntensityRangePercentiles
+
+    cfg = _cfg(stores, "read_size=[24, 24, 24]", "resize=trilinear", "augment.enabled=false",
+               "normalize.source=patch", "normalize.lower=1", "normalize.upper=99")
+    cfg.catalogs = [str(stores["half_catalog"])]
+    stream = PatchStream(cfg, seed=0)
+    draw = stream.locate(3)
+    assert draw.image.region == (24, 24, 24)
+    z, y, x = draw.start
+    group, ms = open_image(stores["half"])
+    region = np.asarray(group[ms.paths[0]][0, z:z + 24, y:y + 24, x:x + 24], dtype=np.float32)
+    paper = Compose([ScaleIntensityRangePercentiles(lower=1.0, upper=99.0, b_min=0.0, b_max=1.0, clip=True),
+                     Resize(spatial_size=(16, 16, 16), mode="trilinear", align_corners=False)])
+    expected = torch.as_tensor(paper(torch.from_numpy(region)[None])).float()
+    assert torch.allclose(stream.sample(3)["image"], expected, atol=1e-5)
+    cfg.resize = "area"
+    area = PatchStream(cfg, seed=0).sample(3)["image"]
+    assert area.shape == (1, 16, 16, 16) and not torch.allclose(area, expected, atol=1e-3)
+    with pytest.raises(ConfigError, match="read_size or target_voxel_size"):
+        _cfg(stores, "read_size=[24, 24, 24]", "target_voxel_size=[2, 2, 2]")
+
+
 def test_bad_input_is_refused_before_streaming(stores, tmp_path):
     with pytest.raises(InputError, match=r"half.zarr.*patch region \[64, 64, 64\].*volume \[48, 48, 48\]"):
         PatchStream(_cfg(stores, "patch_size=[64, 64, 64]"))

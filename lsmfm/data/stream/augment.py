@@ -18,7 +18,8 @@ class Augmenter:
 
     def __init__(self, cfg: AugmentConfig) -> None:
         self.transform = _compose(cfg) if cfg.enabled else None  # MONAI is imported only when needed
-        self.noise_prob, self.noise_std = cfg.noise_prob, cfg.noise_std
+        self.smooth = _smooth(cfg) if cfg.enabled and cfg.smooth_prob > 0 else None
+        self.noise_prob, self.noise_std, self.clip = cfg.noise_prob, cfg.noise_std, cfg.clip
 
     def __call__(self, x: torch.Tensor, seed: int) -> torch.Tensor:
         if self.transform is None:
@@ -26,22 +27,45 @@ class Augmenter:
         self.transform.set_random_state(seed=seed)
         with _plain_tensors():
             out = self.transform(x)
-        return _gaussian_noise(out.float(), self.noise_prob, self.noise_std, seed)
+        out = _gaussian_noise(out.float(), self.noise_prob, self.noise_std, seed)
+        if self.smooth is not None:
+            self.smooth.set_random_state(seed=seed + 1)
+            with _plain_tensors():
+                out = self.smooth(out).float()
+        return out.clamp_(0.0, 1.0) if self.clip else out
 
 
 def _compose(cfg: AugmentConfig) -> Any:
+    """The MONAI part before the noise. A transform that is off by default joins the list only when it is
+    on, so the default list, and with it every transform's seed, stays as it was."""
     import lsmfm._monai  # noqa: F401  (MONAI without transformers)
-    from monai.transforms import (Compose, RandAdjustContrast, RandFlip, RandRotate90, RandScaleIntensity,
-                                  RandShiftIntensity)
+    from monai.transforms import (Compose, RandAdjustContrast, RandAffine, RandFlip, RandRotate90,
+                                  RandScaleIntensity, RandShiftIntensity)
 
-    steps = [RandFlip(prob=cfg.flip_prob, spatial_axis=axis) for axis in range(3)]
+    if cfg.flip_axes == "all":
+        steps = [RandFlip(prob=cfg.flip_prob, spatial_axis=(0, 1, 2))]
+    else:
+        steps = [RandFlip(prob=cfg.flip_prob, spatial_axis=axis) for axis in range(3)]
+    steps.append(RandRotate90(prob=cfg.rot90_prob, max_k=3, spatial_axes=(1, 2)))
+    if cfg.affine_prob > 0:
+        steps.append(RandAffine(prob=cfg.affine_prob, rotate_range=(cfg.affine_rotate,) * 3,
+                                scale_range=(cfg.affine_scale,) * 3, mode="bilinear",
+                                padding_mode="reflection"))
     steps += [
-        RandRotate90(prob=cfg.rot90_prob, max_k=3, spatial_axes=(1, 2)),
         RandScaleIntensity(factors=cfg.scale, prob=cfg.scale_prob),
         RandShiftIntensity(offsets=cfg.shift, prob=cfg.shift_prob),
         RandAdjustContrast(prob=cfg.gamma_prob, gamma=tuple(cfg.gamma)),
     ]
     return Compose(steps)
+
+
+def _smooth(cfg: AugmentConfig) -> Any:
+    """Gaussian smoothing after the noise (as the paper smooths its noise), sigma drawn per axis."""
+    import lsmfm._monai  # noqa: F401  (MONAI without transformers)
+    from monai.transforms import RandGaussianSmooth
+
+    sigma = tuple(cfg.smooth_sigma)
+    return RandGaussianSmooth(sigma_x=sigma, sigma_y=sigma, sigma_z=sigma, prob=cfg.smooth_prob)
 
 
 def _gaussian_noise(x: torch.Tensor, prob: float, max_std: float, seed: int) -> torch.Tensor:

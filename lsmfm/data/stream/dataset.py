@@ -105,7 +105,7 @@ class PatchStream(IterableDataset):
         bounds = draw.image.bounds if cfg.normalize.source == "store" else None
         x = torch.from_numpy(percentile_normalize(region, cfg.normalize, bounds, inplace=True))[None]
         if tuple(x.shape[1:]) != tuple(cfg.patch_size):
-            x = _resize(x, cfg.patch_size)
+            x = _resize(x, cfg.patch_size, cfg.resize)
         x = self.augment(x, draw.augment_seed)
         return {"image": x, "source": draw.source, "text": draw.text, "index": index}
 
@@ -168,9 +168,10 @@ def _pick_text(rng: np.random.Generator, descriptions: list[str], cfg: StreamTex
     return descriptions[int(rng.integers(len(descriptions)))]
 
 
-def _resize(x: torch.Tensor, size: list[int]) -> torch.Tensor:
-    """Resample (C, D, H, W) to `size`: area averaging when shrinking on every axis (no aliasing)."""
-    shrink = all(s >= t for s, t in zip(x.shape[1:], size))
+def _resize(x: torch.Tensor, size: list[int], mode: str = "area") -> torch.Tensor:
+    """Resample (C, D, H, W) to `size`. "area": area averaging when shrinking on every axis (no aliasing),
+    else trilinear; "trilinear": always trilinear, align_corners False (the paper's MONAI Resize)."""
+    shrink = mode == "area" and all(s >= t for s, t in zip(x.shape[1:], size))
     mode = "area" if shrink else "trilinear"
     kwargs = {} if shrink else {"align_corners": False}
     return torch.nn.functional.interpolate(x[None], size=tuple(size), mode=mode, **kwargs)[0]

@@ -141,7 +141,7 @@ def plan_image(path: str | Path, channel: int | None, cfg: StreamConfig) -> Imag
     full = shape_of(ms.paths[level])
     shape = tuple(int(full[ms.axes.index(a)]) for a in "zyx")
     c = _channel(store, ms.axes, full, channel)
-    region = tuple(cfg.patch_size)
+    region = tuple(cfg.read_size or cfg.patch_size)
     if cfg.target_voxel_size is not None:
         region = tuple(max(1, round(p * t / v)) for p, t, v in zip(cfg.patch_size, cfg.target_voxel_size,
                                                                     ms.voxel_sizes[level]))
