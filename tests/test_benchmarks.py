@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -34,3 +36,99 @@ def test_ingest_benchmark_compares_layouts_and_schedulers(tmp_path):
     sharded, plain, cluster = json.loads(out.read_text())["rows"]
     assert plain["files"] > sharded["files"] == cluster["files"] and cluster["same_store_as_threads"]
     assert len(cluster["worker_rss_peak_mib"]) == 1
+
+
+# ---- the paper's step and masking (benchmarks/paper_step.py), the baseline of pretrain_step.py ------------
+def paper_module():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import paper_step
+
+    return paper_step
+
+
+def test_paper_mask_is_one_aligned_block_size_per_sample_and_floor_ratio_blocks():
+    import torch
+
+    ps = paper_module()
+    torch.manual_seed(1)
+    mask = ps.paper_patch_mask(torch.zeros(6, 1, 64, 64, 64), 8, 0.3)
+    assert mask.shape == (6, 1, 64, 64, 64) and mask.dtype == torch.bool
+    sizes = set()
+    for m in mask[:, 0]:
+        for size in (8, 16):
+            blocks = m.reshape(64 // size, size, 64 // size, size, 64 // size, size).permute(0, 2, 4, 1, 3, 5)
+            blocks = blocks.reshape(-1, size ** 3)
+            whole = blocks.all(dim=1) | ~blocks.any(dim=1)  # every block of the grid fully in or out
+            n_total = (64 // size) ** 3
+            if whole.all() and int(blocks.all(dim=1).sum()) == max(1, int(0.3 * n_total)):
+                sizes.add(size)
+                break
+        else:
+            raise AssertionError("a sample's mask is not floor(0.3 N) aligned blocks of one size")
+    assert sizes == {8, 16}  # the coin flip picked both sizes over six samples
+
+
+def test_paper_ibot_loss_hand_values():
+    """KL is 0 when student and teacher features agree; L1 is over masked voxels of the decoder output."""
+    import torch
+
+    ps = paper_module()
+    step = ps.PaperStep(torch.nn.Identity(), torch.nn.Identity(), 4, ps.PaperSettings())
+    feats = torch.nn.functional.normalize(torch.rand(1, 4, 4, 4, 4), dim=1)
+    x = torch.rand(1, 1, 4, 4, 4)
+    mask = torch.zeros(1, 1, 4, 4, 4, dtype=torch.bool)
+    mask[..., :2, :, :] = True
+    with torch.no_grad():
+        for conv in step.reconstruction_head.decoder[::2]:
+            conv.weight.zero_()
+            conv.bias.zero_()
+    total, composite = step._ibot_loss(feats, feats, x, mask, feats, None, None)
+    l1 = x[..., :2, :, :].abs().mean()  # the decoder outputs 0
+    assert total.item() == pytest.approx(0.20 * l1.item(), rel=1e-5)
+    assert torch.equal(composite[..., 2:, :, :], x[..., 2:, :, :])
+
+
+def test_paper_step_trains_student_and_decoder_and_moves_teacher():
+    import torch
+
+    ps = paper_module()
+    student = torch.nn.Conv3d(1, 8, 3, padding=1)
+    module = ps.build_paper_step(student, 8, "unet")
+    teacher_before = module.teacher_encoder.weight.detach().clone()
+    assert torch.equal(teacher_before, student.weight)
+    opt = module.optimizer()
+    loss = module.loss(torch.rand(2, 1, 32, 32, 32))
+    loss.backward()
+    assert student.weight.grad is not None and module.reconstruction_head.decoder[0].weight.grad is not None
+    assert module.teacher_encoder.weight.grad is None
+    opt.step()
+    module.update_teacher()
+    m = module.settings.ema_decay
+    assert torch.allclose(module.teacher_encoder.weight, m * teacher_before + (1 - m) * student.weight)
+
+
+@pytest.mark.slow
+def test_pretrain_step_benchmark_writes_the_ratios_and_the_readme_block(tmp_path):
+    out, readme = tmp_path / "step.json", tmp_path / "README.md"
+    readme.write_text("before\n<!-- pretrain_step:begin -->\nold\n<!-- pretrain_step:end -->\nafter\n")
+    cmd = [sys.executable, str(REPO / "benchmarks/pretrain_step.py"), "--tiny", "--size", "32", "--steps",
+           "1", "--archs", "unet", "--threads", "1", "--mask-repeats", "2", "--json", str(out),
+           "--readme", str(readme)]
+    subprocess.run(cmd, capture_output=True, text=True, check=True)
+    r = json.loads(out.read_text())
+    assert r["mask_speedup_vs_paper"] > 0 and r["mask"]["lsmfm_settings"]["ratio"] == 0.6
+    assert set(r["step_ratio_vs_paper"]) == set(r["ssl_step_over_bare"]) == {"unet"}
+    unet = r["unet"]
+    for variant in ("bare", "paper", "lsmfm"):
+        assert unet[variant]["cpu_seconds_per_step"] > 0 and unet[variant]["flops_per_step"] > 0
+    assert unet["paper"]["flops_per_step"] > unet["bare"]["flops_per_step"]  # teacher + decoder on top
+    assert r["step_ratio_vs_paper"]["unet"] == unet["lsmfm"]["basis_s"] / unet["paper"]["basis_s"]
+    text = readme.read_text()
+    assert text.startswith("before\n<!-- pretrain_step:begin -->")
+    assert text.endswith("<!-- pretrain_step:end -->\nafter\n")
+    assert "old" not in text and f"| {r['step_ratio_vs_paper']['unet']:.2f} |" in text
+    again = tmp_path / "README2.md"
+    again.write_text(readme.read_text())
+    subprocess.run([sys.executable, str(REPO / "benchmarks/pretrain_step.py"), "--from-json", str(out),
+                    "--readme", str(again)], capture_output=True, text=True, check=True)
+    assert again.read_text() == text

@@ -16,8 +16,8 @@ sample (uniform over `block_sizes`, a coin flip for [8, 16]) and exactly floor(r
 that size's aligned grid (at least one), a uniform random subset as `randperm(N)[:k]` draws it.
 `block_mask` picks between the two by `MaskConfig.size_choice`.
 
-`mask_loop_reference` is the per-block Python loop the paper's code uses; it exists only so the
-benchmark can measure the speed-up.
+The paper's per-sample Python loop, the baseline of the speed-up, lives with the benchmark
+(`benchmarks/paper_step.py`).
 
 Example:
     >>> m = generate_block_mask(2, (32, 32, 32), [8, 16], 0.5, generator=0)
@@ -26,7 +26,6 @@ Example:
 """
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass, field
 from typing import Literal, Sequence
 
@@ -182,24 +181,6 @@ def block_mask(cfg: MaskConfig, batch: int, spatial_shape: Sequence[int], ratio:
     """The batch's mask by `cfg.size_choice`: mixed sizes per region, or one size per sample."""
     make = generate_sample_block_mask if cfg.size_choice == "sample" else generate_block_mask
     return make(batch, spatial_shape, cfg.block_sizes, ratio, generator=generator, device=device)
-
-
-def mask_loop_reference(batch: int, spatial_shape: Sequence[int], block_sizes: Sequence[int], ratio: float,
-                        seed: int = 0, device: torch.device | str | None = None) -> torch.Tensor:
-    """Per-block Python loop like the paper's code: place random blocks until the ratio is reached.
-
-    Only for the benchmark (`benchmarks/pretrain_step.py`); training uses `generate_block_mask`.
-    """
-    rng = random.Random(seed)
-    shape = tuple(int(s) for s in spatial_shape)
-    mask = torch.zeros((batch, *shape), dtype=torch.bool, device=device)
-    target = ratio * shape[0] * shape[1] * shape[2]
-    for b in range(batch):
-        while mask[b].sum().item() < target:
-            s = rng.choice(list(block_sizes))
-            z, y, x = (rng.randrange(0, n - s + 1) for n in shape)
-            mask[b, z:z + s, y:y + s, x:x + s] = True
-    return mask
 
 
 def apply_mask(images: torch.Tensor, mask: torch.Tensor, fill: torch.Tensor | float) -> torch.Tensor:
