@@ -114,3 +114,24 @@ def test_segmentation_loss_focal_and_zero_weights():
     assert logits.grad is not None and torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="weights"):
         SegmentationLoss(dice_weight=0.0, bce_weight=0.0, cldice_weight=0.0)
+
+
+def test_2d_soft_skeleton_and_loss_for_the_2d_arms():
+    # A 3x5 rectangle: its 4-neighbour erosion is the 1x3 centre row, which an opening removes, so the 2D
+    # skeleton is that row; the 2D loss (B, 1, H, W) is the same weighted sum as in 3D.
+    rect = np.zeros((5, 7), np.float32)
+    rect[1:4, 1:6] = 1
+    skel = soft_skeleton(torch.from_numpy(rect)[None, None], iterations=2)[0, 0].numpy()
+    expected = np.zeros_like(rect)
+    expected[2, 2:5] = 1
+    np.testing.assert_array_equal(skel, expected)
+    torch.manual_seed(2)
+    logits = torch.randn(3, 1, 16, 16)
+    target = (torch.rand(3, 1, 16, 16) > 0.8).float()
+    loss = SegmentationLoss(dice_weight=1.0, bce_weight=1.0, cldice_weight=0.5, cldice_iters=2)
+    terms = loss.terms(logits, target)
+    assert terms["cldice"].item() == pytest.approx(SoftClDiceLoss(2)(logits, target).item())
+    assert loss(logits, target).item() == pytest.approx(
+        (terms["dice"] + terms["bce"] + 0.5 * terms["cldice"]).item(), rel=1e-6)
+    with pytest.raises(ValueError, match="same"):
+        loss(logits[:, :, None], target)

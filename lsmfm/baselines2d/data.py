@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,11 @@ class Case:
     image: np.ndarray
     label: np.ndarray
     is_3d: bool
+
+    @cached_property
+    def foreground_slices(self) -> np.ndarray:
+        """Indices of the Z slices that hold foreground."""
+        return np.flatnonzero(self.label.reshape(self.label.shape[0], -1).any(axis=1))
 
 
 @dataclass

@@ -29,17 +29,15 @@ def predict_case(
     return np.concatenate(out)
 
 
-def score_case(pred: np.ndarray, case: Case) -> dict[str, float]:
-    """Metrics of one case; 2D cases are scored as 2D images, volumes in 3D."""
+def score_case(pred: np.ndarray, case: Case, metrics: tuple[str, ...] = METRICS) -> dict[str, float]:
+    """`metrics` of one case; 2D cases are scored as 2D images, volumes in 3D."""
     target = case.label if case.is_3d else case.label[0]
     mask = pred if case.is_3d else pred[0]
     fg = target > 0
-    return {
-        "dice": dice_score(mask, fg),
-        "cldice": cldice_score(mask, fg),
-        "iou": iou_score(mask, fg),
-        "seg_accuracy": mean_segmentation_accuracy(mask, target),
-    }
+    functions = {"dice": lambda: dice_score(mask, fg), "cldice": lambda: cldice_score(mask, fg),
+                 "iou": lambda: iou_score(mask, fg),
+                 "seg_accuracy": lambda: mean_segmentation_accuracy(mask, target)}
+    return {m: functions[m]() for m in metrics}
 
 
 def evaluate(

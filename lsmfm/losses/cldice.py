@@ -2,8 +2,10 @@
 
 The soft skeleton is built by iterated min/max pooling: soft erosion is a min-pool over the 6-neighbourhood
 (three axis-wise 3-voxel min-pools, `-maxpool(-x)`), soft dilation a 3x3x3 max-pool, and each iteration adds
-what an opening removes. MONAI 1.6's `SoftclDiceLoss` implements exactly this for 3D inputs (B, C, D, H, W)
-and reduces per batch item, so we wrap it instead of copying it; the wrapper fixes the choices we use
+what an opening removes. MONAI 1.6's `SoftclDiceLoss` implements exactly this for 3D inputs (B, C, D, H, W),
+and the 2D version (4-neighbourhood erosion, 3x3 dilation) for (B, C, H, W) inputs, which the 2D arms of
+`lsmfm compare` and `lsmfm baseline2d` train with; it reduces per batch item, so we wrap it instead of
+copying it; the wrapper fixes the choices we use
 everywhere (one foreground channel, sigmoid on logits, smoothing 1 so empty patches are well defined).
 
 Example:
@@ -21,10 +23,12 @@ from torch import nn
 
 
 def soft_skeleton(x: torch.Tensor, iterations: int = 3) -> torch.Tensor:
-    """Soft skeleton of probabilities `x` (B, C, D, H, W) in [0, 1]; `iterations` should reach the
-    largest radius of the structures (a tube of radius r needs about r iterations)."""
-    if x.ndim != 5:
-        raise ValueError(f"soft_skeleton expects (B, C, D, H, W), got shape {tuple(x.shape)}")
+    """Soft skeleton of probabilities `x`, (B, C, D, H, W) in 3D or (B, C, H, W) in 2D, in [0, 1];
+    `iterations` should reach the largest radius of the structures (a tube of radius r needs about r
+    iterations)."""
+    if x.ndim not in (4, 5):
+        raise ValueError(f"soft_skeleton expects (B, C, D, H, W) or (B, C, H, W), got shape "
+                         f"{tuple(x.shape)}")
     return soft_skel(x, iterations)
 
 
@@ -48,7 +52,8 @@ class SoftClDiceLoss(nn.Module):
                                    sigmoid=from_logits, reduction="mean")
 
     def forward(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        if prediction.ndim != 5 or prediction.shape != target.shape:
-            raise ValueError(f"clDice expects prediction and target of the same (B, C, D, H, W) shape, got "
+        if prediction.ndim not in (4, 5) or prediction.shape != target.shape:
+            raise ValueError(f"clDice expects prediction and target of the same (B, C, D, H, W) or "
+                             f"(B, C, H, W) shape, got "
                              f"{tuple(prediction.shape)} and {tuple(target.shape)}")
         return self.loss(prediction, target.to(prediction.dtype))

@@ -2,7 +2,8 @@
 
 Dice keeps sparse foreground (0.2 % for plaques) from being drowned by background; the voxel-wise term
 gives well-calibrated probabilities; soft-clDice rewards connected thin structures (vessels). Setting a
-weight to 0 drops its term (and its cost: clDice pooling is skipped).
+weight to 0 drops its term (and its cost: clDice pooling is skipped). 3D outputs (B, 1, D, H, W) and 2D
+outputs (B, 1, H, W) alike: the 2D arms of a comparison train with the same module, the 2D soft skeleton.
 
 Example:
     >>> loss = SegmentationLoss(dice_weight=1.0, bce_weight=1.0, cldice_weight=0.5)
@@ -48,9 +49,9 @@ class SegmentationLoss(nn.Module):
 
     def terms(self, logits: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
         """Each unweighted term with a non-zero weight, by name."""
-        if logits.shape != target.shape or logits.ndim != 5:
-            raise ValueError(f"expected logits and target of the same (B, 1, D, H, W) shape, got "
-                             f"{tuple(logits.shape)} and {tuple(target.shape)}")
+        if logits.shape != target.shape or logits.ndim not in (4, 5):
+            raise ValueError(f"expected logits and target of the same (B, 1, D, H, W) or (B, 1, H, W) "
+                             f"shape, got {tuple(logits.shape)} and {tuple(target.shape)}")
         target = target.to(logits.dtype)
         out: dict[str, torch.Tensor] = {}
         if self.weights["dice"]:

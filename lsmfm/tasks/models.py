@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -28,6 +28,9 @@ from torch import nn
 from lsmfm.config import to_dict
 from lsmfm.errors import ConfigError, InputError
 from lsmfm.tasks.registry import task_class
+
+if TYPE_CHECKING:
+    from lsmfm.tasks.config import TrainConfig
 
 
 class TaskModel(nn.Module):
@@ -43,6 +46,23 @@ class TaskModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.spec.forward(self.backbone, self.head, self.head_config, x)
+
+    def param_groups(self, cfg: TrainConfig) -> list[dict[str, Any]]:
+        """AdamW groups of the training loop: the head at lr, the encoder at lr * encoder_lr_scale
+        (absent in linear mode)."""
+        groups = [{"params": list(self.head.parameters()), "lr": cfg.lr, "name": "head"}]
+        if cfg.mode != "linear" and cfg.encoder_lr_scale > 0:
+            groups.append({"params": list(self.backbone.parameters()), "lr": cfg.lr * cfg.encoder_lr_scale,
+                           "name": "encoder"})
+        return groups
+
+    def set_phase(self, frozen: bool) -> None:
+        """Train mode for the head; the encoder trains only when not frozen (then also in eval mode,
+        so its BatchNorm statistics stay as they are)."""
+        self.train()
+        self.backbone.requires_grad_(not frozen)
+        if frozen:
+            self.backbone.eval()
 
 
 def build_task_model(task: str, backbone: nn.Module, head_cfg: Any = None) -> TaskModel:
