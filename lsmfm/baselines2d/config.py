@@ -79,6 +79,19 @@ class PeftConfig:
             raise ValueError(f"peft.dropout must be in [0, 1), got {self.dropout}")
 
 
+def check_method(model: ModelConfig, peft: PeftConfig) -> None:
+    """The PEFT method must apply to the model and its decoder (ValueError otherwise)."""
+    from lsmfm.baselines2d.registry import METHODS
+
+    info = METHODS[peft.method]
+    if model.name not in info.models:
+        raise ValueError(f"peft.method={peft.method} works with model.name in {list(info.models)}, "
+                         f"got {model.name!r}")
+    if model.decoder not in info.decoders:
+        raise ValueError(f"peft.method={peft.method} works with model.decoder in {list(info.decoders)}, "
+                         f"got {model.decoder!r}")
+
+
 @dataclass
 class Data2DConfig:
     """Where the labelled 2D images (or 3D volumes, used slice by slice) are.
@@ -167,19 +180,7 @@ class Baseline2DConfig:
             raise ValueError("seeds must not be empty")
         if len(set(self.shots)) != len(self.shots) or len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"shots {self.shots} and seeds {self.seeds} must not repeat")
-        from lsmfm.baselines2d.registry import METHODS
-
-        info = METHODS[self.peft.method]
-        if self.model.name not in info.models:
-            raise ValueError(
-                f"peft.method={self.peft.method} works with model.name in {list(info.models)}, "
-                f"got {self.model.name!r}"
-            )
-        if self.model.decoder not in info.decoders:
-            raise ValueError(
-                f"peft.method={self.peft.method} works with model.decoder in {list(info.decoders)}, "
-                f"got {self.model.decoder!r}"
-            )
+        check_method(self.model, self.peft)
 
     @property
     def init(self) -> str:

@@ -40,7 +40,8 @@ class SliceModel(nn.Module):
         return self.net.logits(images)
 
     def param_groups(self, cfg: TrainConfig) -> list[dict[str, Any]]:
-        return [{"params": [p for p in self.net.parameters() if p.requires_grad], "lr": cfg.lr, "name": "peft"}]
+        trainable = [p for p in self.net.parameters() if p.requires_grad]
+        return [{"params": trainable, "lr": cfg.lr, "name": "peft"}]
 
     def set_phase(self, frozen: bool) -> None:
         self.train()

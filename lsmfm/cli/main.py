@@ -22,6 +22,7 @@ baselines, predict whole volumes, and export models for Fiji/deepImageJ, napari 
 
 EPILOG = """\
 typical workflow: lsmfm ingest -> lsmfm pretrain -> lsmfm export -> lsmfm finetune -> lsmfm predict
+                  (which model to use on your volumes: lsmfm compare segment)
                   (or: lsmfm demo, all of it on synthetic data on one CPU)
 `lsmfm COMMAND --help` describes each command. Exit status: 0 done; 1 an error in the input, a
 config or the environment (one line naming the file and the problem), or a bug (with a traceback);
@@ -37,6 +38,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "finetune": ("lsmfm.cli.finetune", "few-shot finetuning: segment, classify, deblur"),
     "predict": ("lsmfm.cli.predict", "sliding-window prediction over whole volumes"),
     "baseline2d": ("lsmfm.cli.baseline2d", "2D foundation-model PEFT baselines"),
+    "compare": ("lsmfm.cli.compare", "pretrained vs scratch vs 2D baselines: one table and one plot"),
     "analyze": ("lsmfm.cli.analyze", "domain analysis of encoder features"),
     "demo": ("lsmfm.cli.demo", "run the embedded default end to end on synthetic data"),
 }

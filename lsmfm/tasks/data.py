@@ -223,3 +223,14 @@ def random_crop(rng: np.random.Generator, shape: tuple[int, ...], size: tuple[in
     """Slices of a uniformly placed crop of `size` inside a volume of spatial `shape`."""
     starts = [int(rng.integers(0, s - c + 1)) for s, c in zip(shape[-3:], size)]
     return tuple(slice(a, a + c) for a, c in zip(starts, size))  # type: ignore[return-value]
+
+
+def check_training_images(patches: list[Patch]) -> None:
+    """A constant training image (every voxel the same value) carries nothing to learn from: refused,
+    every such file named (as ingest refuses a constant volume)."""
+    constant = [p for p in patches if float(p.image.max()) == float(p.image.min())]
+    if constant:
+        names = ", ".join(str(p.path) for p in constant[:8]) + (", ..." if len(constant) > 8 else "")
+        raise InputError(None, f"{len(constant)} training image(s) are constant (every voxel "
+                               f"{float(constant[0].image.flat[0]):g} or the like): {names}; remove them "
+                               "from the training set")

@@ -39,8 +39,9 @@ from lsmfm.io.lock import output_lock
 from lsmfm.models.backbones.registry import BackboneConfig, build_backbone
 from lsmfm.tasks.base import Example, FinetuneTask, Geometry, Scores
 from lsmfm.tasks.config import FinetuneConfig
-from lsmfm.tasks.data import Patch, check_channels, check_fits
+from lsmfm.tasks.data import Patch, check_channels, check_fits, check_training_images
 from lsmfm.tasks.registry import task_class
+from lsmfm.tasks.results import FINETUNE, Layout
 
 RUN_MARKERS = ("config.yaml", "results.csv")  # what every finetune run folder holds after its first run
 
@@ -79,12 +80,14 @@ def plan_fewshot(task_name: str, cfg: FinetuneConfig) -> Plan:
     geometry = Geometry(roi, tuple(cfg.data.sw_size) if cfg.data.sw_size else roi, cfg.data.sw_overlap)
     splits = {name: task.load_split(cfg.data, name) for name in ("train", "val", "test")}
     task.setup(splits["train"], splits["val"] + splits["test"])
+    check_training_images(splits["train"])
     check_channels(splits, backbone_cfg.in_channels)
     check_fits(splits["train"], roi, backbone_cfg.size_multiple, origin)
     check_fits([], geometry.window, backbone_cfg.size_multiple, "data.sw_size")
     source = cfg.data.train_dir or f"{cfg.data.catalog} (train_ids)"
     subsets = {(k, s): task.subset(splits["train"], k, s, source) for k in cfg.shots for s in cfg.seeds}
-    model_config = _model_config(recorded, backbone_cfg, roi, normalize, splits["train"][0].voxel_size)
+    model_config = finetuned_model_config(recorded, backbone_cfg, roi, normalize,
+                                          splits["train"][0].voxel_size)
     runs = [(k, s, init) for k in cfg.shots for s in cfg.seeds for init in cfg.inits]
     return Plan(task, cfg, backbone_cfg, model_config, normalize, geometry, splits, subsets, pretrained, runs,
                 device)
@@ -118,8 +121,8 @@ def _roi(cfg: FinetuneConfig, recorded: Any) -> tuple[tuple[int, int, int], str]
     raise ConfigError("data.patch_size is required when no pretrained model is given")
 
 
-def _model_config(recorded: Any, backbone_cfg: BackboneConfig, roi: tuple[int, int, int],
-                  normalize: NormalizeConfig, voxel_size: tuple[float, float, float]) -> Any:
+def finetuned_model_config(recorded: Any, backbone_cfg: BackboneConfig, roi: tuple[int, int, int],
+                           normalize: NormalizeConfig, voxel_size: tuple[float, float, float]) -> Any:
     """What the finetuned models record: the pretrained model's config (provenance, voxel size) with
     this run's patch size, or a fresh one for scratch-only runs."""
     from lsmfm.weights.format import ModelConfig
@@ -245,13 +248,14 @@ def finetuning_record(plan: Plan, row: dict[str, Any], scores: Scores, out_dir: 
             "test_metrics": {k: float(v) for k, v in scores.metrics.items()}, "run": str(out_dir)}
 
 
-def refresh_cards(out_dir: Path, rows: list[dict[str, Any]], metrics: tuple[str, ...]) -> None:
+def refresh_cards(out_dir: Path, rows: list[dict[str, Any]], metrics: tuple[str, ...],
+                  layout: Layout = FINETUNE) -> None:
     """Rewrite each kept model's card with the results table of the whole protocol (known at the end)."""
     from lsmfm.tasks.models import task_model_card
     from lsmfm.tasks.results import format_table
     from lsmfm.weights.format import CARD_NAME, read_model_dir
 
-    table = "```text\n" + format_table(rows, list(metrics)) + "\n```"
+    table = "```text\n" + format_table(rows, list(metrics), layout) + "\n```"
     for folder in sorted(out_dir.glob("*/shots*_seed*/model")):
         config, state = read_model_dir(folder)
         atomic_write_text(folder / CARD_NAME, task_model_card(config, state, results_table=table))

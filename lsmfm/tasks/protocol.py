@@ -75,7 +75,8 @@ def check_run_dir(out_dir: str | Path, command: str, overwrite: bool = False, re
     (with `resume`) a run folder of `command`, continued. Never any other folder."""
     out_dir = Path(out_dir)
     if overwrite and resume:
-        raise InputError(out_dir, "--overwrite and --resume exclude each other: replace the run or continue it")
+        raise InputError(out_dir, "--overwrite and --resume exclude each other: replace the run or "
+                                  "continue it")
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(out_dir, "is an existing file, not a run folder; choose a new --out")
     if not out_dir.is_dir() or not any(out_dir.iterdir()):
@@ -189,3 +190,29 @@ class RunFolder:
 def _typed(text: str, kind: type) -> Any:
     """A key column read back from per_image.csv as the type of the plan's keys."""
     return kind(text) if kind in (int, float, str) else text
+
+
+def run_dir_of(out_dir: Path, group: str, shots: int, seed: int) -> Path:
+    """Where a kept run lives: RUN_DIR/<init or arm>/shots<k>_seed<s>."""
+    return out_dir / str(group) / f"shots{shots}_seed{seed}"
+
+
+def restore_kept(folder: RunFolder, out_dir: Path, keep: str, val_column: str) -> dict[tuple, dict[str, Any]]:
+    """The kept run of each (group, shots) among the finished rows, as an uninterrupted protocol kept it
+    (keep=best: the first best-validated seed; keep=all: every run); kept folders of runs that did not
+    finish are removed."""
+    kept: dict[tuple, dict[str, Any]] = {}
+    wanted = set()
+    for row in folder.ordered_rows():
+        group, shots = row[folder.layout.group], row["shots"]
+        target = run_dir_of(out_dir, group, shots, row["seed"])
+        previous = kept.get((group, shots))
+        if keep == "all" or previous is None or row[val_column] > previous["score"]:
+            kept[(group, shots)] = {"score": row[val_column], "dir": target}
+        if keep == "all":
+            wanted.add(target)
+    wanted |= {entry["dir"] for entry in kept.values()}
+    for path in out_dir.glob("*/shots*_seed*"):
+        if path.is_dir() and path not in wanted and path.parent.name != "tb":
+            folder.discard(path)
+    return kept

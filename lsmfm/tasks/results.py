@@ -61,7 +61,8 @@ def write_results(run_dir: str | Path, rows: Sequence[dict[str, Any]], metrics: 
         writer.writerow(row)
     atomic_write_text(run_dir / "results.csv", buf.getvalue())
     summary = summarize(rows, metrics, layout)
-    atomic_write_text(run_dir / "metrics.json", json.dumps({"rows": list(rows), "summary": summary}, indent=2))
+    atomic_write_text(run_dir / "metrics.json",
+                      json.dumps({"rows": list(rows), "summary": summary}, indent=2))
 
 
 def summarize(rows: Sequence[dict[str, Any]], metrics: Sequence[str], layout: Layout = FINETUNE
@@ -116,7 +117,8 @@ def plot_metrics(run_dir: str | Path, rows: Sequence[dict[str, Any]], metrics: S
             if not pts:
                 continue
             x = [p[0] for p in pts]
-            line, = ax.plot(x, [p[1]["mean"] for p in pts], marker="o", label=name,
+            label = f"{name} (2D)" if name in dashed else name
+            line, = ax.plot(x, [p[1]["mean"] for p in pts], marker="o", label=label,
                             linestyle="--" if name in dashed else "-")
             ax.fill_between(x, [p[1]["min"] for p in pts], [p[1]["max"] for p in pts], alpha=0.2,
                             color=line.get_color())
@@ -124,9 +126,12 @@ def plot_metrics(run_dir: str | Path, rows: Sequence[dict[str, Any]], metrics: S
                     if str(r[layout.group]) == name and r.get(m) is not None]
             ax.scatter([r[0] for r in runs], [r[1] for r in runs], s=9, alpha=0.6, color=line.get_color())
         ax.set_xscale("log", base=2)
+        shots = sorted({e["shots"] for e in summary})
+        ax.set_xticks(shots, [str(k) for k in shots])
+        ax.minorticks_off()
         ax.set_xlabel("training volumes (shots)")
         ax.set_ylabel(m)
-        ax.set_title(title or m)
+        ax.set_title(title or m, fontsize="medium")
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
         fig.tight_layout()

@@ -16,17 +16,29 @@ import torch
 from torch import nn
 
 from lsmfm.data.normalize import NormalizeConfig, normalize_channels
+from lsmfm.errors import InputError
 from lsmfm.tasks.base import Example, FinetuneTask, Scores, sliding_window
 from lsmfm.tasks.config import DataConfig, FinetuneConfig
 from lsmfm.tasks.data import Patch, load_split
 from lsmfm.tasks.outputs import write_prediction
 
 MAX_FOREGROUND_POINTS = 20000
+EMPTY_HINT = "add annotated volumes, or set segment.allow_empty=true to train on background only"
+
+
+def _names(patches: list[Patch]) -> str:
+    shown = ", ".join(f"{p.path.name} (label)" for p in patches[:6])
+    return shown + (f", ... ({len(patches) - 6} more)" if len(patches) > 6 else "")
 
 
 @dataclass
 class SegmentConfig:
-    """Binary segmentation: Dice + BCE (or focal) + soft-clDice on foreground = label."""
+    """Binary segmentation: Dice + BCE (or focal) + soft-clDice on foreground = label.
+
+    Args:
+        allow_empty: accept runs whose training labels are all empty (background-only training);
+            otherwise such a (shots, seed) is refused with the label files.
+    """
 
     binarize: bool = False
     dice_weight: float = 1.0
@@ -35,6 +47,7 @@ class SegmentConfig:
     cldice_weight: float = 0.5
     cldice_iters: int = 3
     threshold: float = 0.5
+    allow_empty: bool = False
 
     def __post_init__(self) -> None:
         weights = (self.dice_weight, self.bce_weight, self.cldice_weight)
@@ -80,6 +93,21 @@ class SegmentTask(FinetuneTask):
 
     def load_split(self, data: DataConfig, split: str) -> list[Patch]:
         return load_split(data, split, label=True, binarize=self.cfg.binarize)
+
+    def setup(self, train: list[Patch], others: list[Patch]) -> None:
+        """Training labels that are all empty leave nothing to segment: refused, naming the images
+        (unless `segment.allow_empty`)."""
+        if not self.cfg.allow_empty and not any(p.label.any() for p in train):  # type: ignore[union-attr]
+            raise InputError(train[0].path.parent, f"every training label is empty ({_names(train)}): "
+                             f"nothing to segment; {EMPTY_HINT}")
+
+    def subset(self, patches: list[Patch], shots: int, seed: int, source: str) -> list[int]:
+        """The (shots, seed) patches; a run whose training labels are all empty is refused the same way."""
+        picked = super().subset(patches, shots, seed, source)
+        if not self.cfg.allow_empty and not any(patches[i].label.any() for i in picked):  # type: ignore
+            raise InputError(source, f"shots={shots} seed={seed} draws only volumes with empty labels "
+                                     f"({_names([patches[i] for i in picked])}); {EMPTY_HINT}")
+        return picked
 
     @classmethod
     def build_head(cls, feature_dim: int, in_channels: int, head: SegmentHeadConfig) -> nn.Module:
