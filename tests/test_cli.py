@@ -25,6 +25,8 @@ CONVENTIONS = {
     ("pretrain",): (True, True), ("export",): (True, False), ("finetune", "segment"): (True, True),
     ("finetune", "classify"): (True, True), ("finetune", "deblur"): (True, True), ("predict",): (True, True),
     ("baseline2d",): (True, True), ("analyze", "domains"): (True, False), ("demo",): (True, True),
+    ("compare", "segment"): (True, True), ("compare", "classify"): (True, True),
+    ("compare", "deblur"): (True, True),
 }
 
 
@@ -188,6 +190,7 @@ def test_read_only_output_folders_give_one_line_for_every_command(tmp_path):
             ["pretrain", "--config", str(REPO / "pretrain" / "tiny.yaml"), "--out", f"{ro}/run"],
             ["export", str(base), "--out", f"{ro}/weights"],
             ["finetune", "segment", "--out", f"{ro}/ft"],
+            ["compare", "segment", "--out", f"{ro}/cmp"],
             ["predict", "--model", str(base), "--input", str(src), "--out", f"{ro}/p.zarr"],
             ["baseline2d", "--config", str(REPO / "finetune" / "baseline2d_sam_lora.yaml"), "--out",
              f"{ro}/b2d"],
