@@ -34,6 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shard", type=int, default=None,
                         help="output chunks (64³) per shard edge, capped by --block (default 4; 1: a file "
                              "per chunk)")
+    parser.add_argument("--follow-symlinks", action="store_true",
+                        help="read a --model folder whose files are symlinks leading outside it (refused "
+                             "otherwise)")
     parser.add_argument("--json", type=Path, default=None,
                         help="also write the run summary to this JSON file")
     add_overwrite(parser, "an existing --out (and --json) when done")
@@ -54,7 +57,8 @@ def run(args: argparse.Namespace) -> int:
     check_output(args.json, overwrite=args.overwrite, kind="file")
     opts = PredictOptions(block=args.block, overlap=args.overlap, batch_size=args.batch,
                           threshold=args.threshold, device=args.device,
-                          shard=SHARD_CHUNKS if args.shard is None else args.shard)
+                          shard=SHARD_CHUNKS if args.shard is None else args.shard,
+                          follow_symlinks=args.follow_symlinks)
     summary = predict_volume(args.model, args.input, args.out, opts, overwrite=args.overwrite,
                              progress=not args.quiet)
     if os.environ.get("RANK", "0") != "0":

@@ -116,12 +116,14 @@ def task_model_card(config: Any, state: Mapping[str, torch.Tensor], results_tabl
                              extra=spec.card_lines(task), load=use, results_table=results_table)
 
 
-def load_task_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[TaskModel, Any]:
-    """Rebuild a finetuned model from its folder, in eval mode: (TaskModel, ModelConfig)."""
+def load_task_model(path: str | Path, device: str | torch.device = "cpu", follow_symlinks: bool = False
+                    ) -> tuple[TaskModel, Any]:
+    """Rebuild a finetuned model from its folder, in eval mode: (TaskModel, ModelConfig).
+    `follow_symlinks`: accept folder files that are symlinks leading outside it."""
     from lsmfm.models.backbones.registry import build_backbone
     from lsmfm.weights.format import read_model_dir
 
-    config, state = read_model_dir(path)
+    config, state = read_model_dir(path, follow_symlinks)
     task = config.task
     if not task:
         raise InputError(path, "holds a pretrained backbone without a task head; finetune it first "

@@ -113,6 +113,7 @@ class PredictOptions:
         threshold: segmentation mask threshold; None: the one recorded with the model.
         device: "auto" (CUDA when available; each rank its own GPU), "cpu", "cuda", ...
         shard: output chunks (64³) per shard edge, capped by the block (1: one file per chunk).
+        follow_symlinks: read a model folder whose files are symlinks leading outside it.
     """
 
     block: int = 256
@@ -121,6 +122,7 @@ class PredictOptions:
     threshold: float | None = None
     device: str = "auto"
     shard: int = SHARD_CHUNKS
+    follow_symlinks: bool = False
 
     def __post_init__(self) -> None:
         if self.block < 1 or self.batch_size < 1 or self.shard < 1:
@@ -198,7 +200,7 @@ def _plan_job(model_dir: str | Path, input_path: str | Path, opts: PredictOption
     from lsmfm.tasks.models import load_task_model
 
     local = env.local_rank if env.world_size > 1 else None
-    model, config = load_task_model(model_dir, resolve_device(opts.device, local))
+    model, config = load_task_model(model_dir, resolve_device(opts.device, local), opts.follow_symlinks)
     volume = open_volume(input_path)
     check_inputs(model_dir, model, config, volume, opts)
     bounds, source = normalization_bounds(volume, config.normalize)

@@ -25,12 +25,19 @@ Atomicity: every rank writes into `checkpoints/.tmp_<tag>/`; after all ranks fin
 files, renames the folder to `<tag>` and only then replaces `latest` (itself written to a temporary file
 and renamed). A kill -9 at any moment therefore leaves `latest` naming a complete tag; stale `.tmp_*`
 folders are removed at the next save or resume.
+
+Safety: a tag (from `latest` or `--tag`) must be a plain name whose folder lies inside the run's
+`checkpoints/` (no separator, no `..`, no symlink leading out). Every file of a tag is read weights-only
+(`lsmfm.weights.torchfile`), DeepSpeed's own loader included, so a pickle carrying code is refused and
+never run. A tag whose files are truncated or corrupt (a full disk, a bad copy) is set aside as
+`broken_<tag>` and the newest intact one is resumed, with a warning naming both.
 """
 from __future__ import annotations
 
 import os
 import random
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -38,12 +45,13 @@ import numpy as np
 import torch
 import yaml
 
-from lsmfm.errors import InputError
+from lsmfm.errors import InputError, LsmfmWarning
 from lsmfm.io.atomic import atomic_write_text
 from lsmfm.provenance import KEY as PROVENANCE_KEY, provenance
 from lsmfm.training import distributed
 
 TMP_PREFIX = ".tmp_"
+BROKEN_PREFIX = "broken_"
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
@@ -60,9 +68,100 @@ def latest_tag(run_dir: str | Path) -> str | None:
     if not latest.is_file():
         return None
     tag = latest.read_text().strip()
+    tag_path(run_dir, tag, source=latest)
     if not (checkpoint_dir(run_dir) / tag).is_dir():
         raise InputError(latest, f"names checkpoint {tag!r}, which does not exist")
     return tag
+
+
+def tag_path(run_dir: str | Path, tag: str, source: str | Path | None = None) -> Path:
+    """`RUN_DIR/checkpoints/<tag>`, refused unless `tag` is a plain name whose folder (symlinks followed)
+    lies inside the run's checkpoints folder; `source`: where the tag came from, for the message."""
+    root = checkpoint_dir(run_dir)
+    where = source if source is not None else root
+    plain = tag and tag not in (".", "..") and not any(c in tag for c in ("/", "\\", os.sep, "\0"))
+    if not plain:
+        raise InputError(where, f"checkpoint tag {tag!r} is not a plain folder name inside {root}; refused")
+    path = root / tag
+    # against the real `checkpoints/` folder: it may itself be a link to scratch storage
+    inside = Path(os.path.realpath(path)).is_relative_to(Path(os.path.realpath(root)))
+    if path.exists() and not inside:
+        raise InputError(where, f"checkpoint tag {tag!r} leads outside the run folder "
+                                f"({os.path.realpath(path)}); refused")
+    return path
+
+
+def has_checkpoints(run_dir: str | Path) -> bool:
+    """Whether the run folder holds checkpoints (intact or not)."""
+    return (checkpoint_dir(run_dir) / "latest").is_file() or bool(step_tags(run_dir))
+
+
+def step_tags(run_dir: str | Path) -> list[str]:
+    """Complete-looking tags, newest step first."""
+    root = checkpoint_dir(run_dir)
+    return sorted((p.name for p in root.glob("step_*") if p.is_dir()), reverse=True) if root.is_dir() else []
+
+
+def tag_files(tag_dir: Path) -> list[Path]:
+    return sorted(tag_dir.glob("*.pt"))
+
+
+def unreadable(tag_dir: Path) -> str | None:
+    """Why a tag cannot be resumed (missing model states, a truncated or corrupt file), or None.
+
+    Files are opened weights-only with mmap, so this reads the pickles, not the tensor data. A file that
+    carries code raises InputError: that is an attack, not damage, and nothing falls back from it.
+    """
+    from lsmfm.weights.torchfile import UnsafeCheckpointError, load_torch_file
+
+    if not (tag_dir / "mp_rank_00_model_states.pt").is_file():
+        return "no mp_rank_00_model_states.pt"
+    for f in tag_files(tag_dir):
+        try:
+            load_torch_file(f, deepspeed=True)
+        except UnsafeCheckpointError:
+            raise
+        except InputError as exc:
+            return f"{f.name}: {exc.problem}"
+    return None
+
+
+def resume_tag(run_dir: str | Path) -> str | None:
+    """The newest intact tag, `latest` first; damaged newer tags are set aside (rank 0) with a warning."""
+    root = checkpoint_dir(run_dir)
+    problems: list[str] = []
+    first = None
+    if (root / "latest").is_file():
+        name = (root / "latest").read_text().strip()
+        if tag_path(run_dir, name, source=root / "latest").is_dir():
+            first = name
+        else:
+            problems.append(f"latest names {name!r}, which does not exist")
+    candidates = ([first] if first else []) + [t for t in step_tags(run_dir) if t != first]
+    for tag in candidates:
+        why = unreadable(tag_path(run_dir, tag))
+        if why is None:
+            if problems:
+                _set_aside(root, candidates[:candidates.index(tag)], tag)
+                warnings.warn(LsmfmWarning(f"{root}: {'; '.join(problems)}; resuming from the newest intact "
+                                           f"checkpoint {tag}"), stacklevel=2)
+            return tag
+        problems.append(f"{tag} is unreadable ({why})")
+    if problems:
+        raise InputError(root, f"no intact checkpoint to resume: {'; '.join(problems)}")
+    return None
+
+
+def _set_aside(root: Path, tags: list[str], intact: str) -> None:
+    """Rename damaged tags to `broken_<tag>` (kept for inspection, out of the way of later saves) and
+    point `latest` at the intact tag resumed from."""
+    distributed.barrier()
+    if distributed.ensure_env().is_main:
+        for tag in tags:
+            if (root / tag).is_dir():
+                os.replace(root / tag, root / (BROKEN_PREFIX + tag))
+        atomic_write_text(root / "latest", intact)
+    distributed.barrier()
 
 
 def capture_rng() -> dict[str, Any]:
@@ -108,21 +207,26 @@ def save(engine: Any, run_dir: str | Path, step: int, client_state: dict[str, An
 
 
 def load(engine: Any, run_dir: str | Path) -> dict[str, Any] | None:
-    """Collective: load the latest checkpoint into `engine`; returns its client state (None if there is none).
+    """Collective: load the newest intact checkpoint into `engine`; returns its client state (None if there
+    is none). Every file is unpickled weights-only (`no_pickled_code`), never running pickled code.
 
     RNG states are not restored here: the caller does it with `restore_rng(state["rng"][rank])` right
     before the first resumed step, after anything that draws from the global RNG while setting up
     (a DataLoader iterator draws its base seed from it).
     """
-    tag = latest_tag(run_dir)
+    from lsmfm.weights.torchfile import no_pickled_code
+
+    tag = resume_tag(run_dir)
     if tag is None:
         return None
+    root = checkpoint_dir(run_dir)
     if engine.global_rank == 0:
-        remove_stale(checkpoint_dir(run_dir))
-    path, state = engine.load_checkpoint(str(checkpoint_dir(run_dir)), tag=tag, load_optimizer_states=True,
-                                         load_lr_scheduler_states=False)
+        remove_stale(root)
+    with no_pickled_code(tag_files(root / tag)):
+        path, state = engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True,
+                                             load_lr_scheduler_states=False)
     if path is None:
-        raise InputError(checkpoint_dir(run_dir) / tag, "DeepSpeed could not load this checkpoint")
+        raise InputError(root / tag, "DeepSpeed could not load this checkpoint")
     return state
 
 

@@ -157,7 +157,7 @@ def _run_lock(out: Path, env: distributed.DistEnv, device: torch.device) -> Iter
 
 def _check_run_dir(cfg: PretrainConfig, out: Path, resume: bool) -> None:
     """Refuse, before any work, to overwrite a run's checkpoints or to resume with another model."""
-    has_ckpt = checkpoint.latest_tag(out) is not None
+    has_ckpt = checkpoint.has_checkpoints(out)
     if has_ckpt and not resume:
         raise ConfigError(f"{out}: already holds checkpoints; pass --resume to continue it, --overwrite to "
                           "start over, or choose a new --out")

@@ -7,7 +7,10 @@ against the architecture in RUN_DIR/config.yaml and written as `model.safetensor
 a model card. The teacher is the default: it is the EMA of the student over training, the smoother
 encoder that DINO/iBOT use for evaluation and downstream transfer.
 
-These files come from the user's own run; DeepSpeed reads them with its regular (pickle) loader.
+Run folders are what colleagues share on cluster storage, so nothing in one is trusted: the tag must be a
+plain name inside the run's checkpoints folder (`lsmfm.training.checkpoint.tag_path`), and every file is
+unpickled weights-only with a vetted allowlist (`lsmfm.weights.torchfile`), `zero_to_fp32` included:
+a pickle carrying code is refused before anything runs.
 """
 from __future__ import annotations
 
@@ -56,16 +59,17 @@ def export_run(run_dir: str | Path, out_dir: str | Path, which: str = "teacher",
 
 
 def _tag_dir(run: Path, tag: str | None) -> Path:
+    from lsmfm.training.checkpoint import checkpoint_dir, latest_tag, tag_path
+
     if not run.is_dir():
         raise InputError(run, "run folder not found")
-    root = run / "checkpoints"
+    root = checkpoint_dir(run)
     if tag is None:
-        latest = root / "latest"
-        if not latest.is_file():
+        tag = latest_tag(run)
+        if tag is None:
             raise InputError(root, "no checkpoints/latest file: the run has no complete checkpoint "
                                    "(pass --tag?)")
-        tag = latest.read_text().strip()
-    tag_dir = root / tag
+    tag_dir = tag_path(run, tag)
     if not (tag_dir / MODEL_STATES).is_file():
         tags = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
         raise InputError(tag_dir, f"not a DeepSpeed checkpoint (no {MODEL_STATES}); "
@@ -131,17 +135,27 @@ def catalog_sources(catalogs: list[str]) -> list[str]:
 
 
 def consolidate(tag_dir: Path) -> dict[str, torch.Tensor]:
-    """The full fp32 module state dict of a DeepSpeed checkpoint tag (ZeRO partitions merged)."""
+    """The full fp32 module state dict of a DeepSpeed checkpoint tag, every file read weights-only.
+
+    The saved module holds every tensor (frozen ones, the teacher's, included); with ZeRO, the fp32
+    master weights of the trained parameters (exact under bf16) are merged from the optimizer partitions
+    by DeepSpeed's `zero_to_fp32`, which alone would miss the frozen tensors of a stage-1 checkpoint.
+    """
+    from lsmfm.weights.torchfile import load_torch_file, no_pickled_code
+
+    full = dict(load_torch_file(tag_dir / MODEL_STATES, deepspeed=True)["module"])
     if any(tag_dir.glob("*zero_pp_rank_*_optim_states.pt")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        return dict(get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name))
-    states = torch.load(tag_dir / MODEL_STATES, map_location="cpu", weights_only=False)
-    return dict(states["module"])
+        with no_pickled_code(sorted(tag_dir.glob("*.pt"))):
+            full.update(get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name))
+    return full
 
 
 def read_step(tag_dir: Path) -> int | None:
     """Optimizer steps done, from the client state saved with the checkpoint."""
-    states = torch.load(tag_dir / MODEL_STATES, map_location="cpu", weights_only=False, mmap=True)
+    from lsmfm.weights.torchfile import load_torch_file
+
+    states = load_torch_file(tag_dir / MODEL_STATES, deepspeed=True)
     step = states.get("step", states.get("global_steps"))
     return int(step) if isinstance(step, int) else None

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -154,11 +155,26 @@ def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
     return tensors, metadata
 
 
-def read_model_dir(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """Read a weights folder (safetensors only, never pickle); the config keys are validated."""
+def check_links(folder: Path, names: tuple[str, ...], follow_symlinks: bool) -> None:
+    """Refuse a file of `folder` that is a symlink leading outside it, unless `follow_symlinks`: a shared
+    model folder must not make lsmfm read (or pass off as the model) a file from elsewhere."""
+    real = Path(os.path.realpath(folder))
+    for name in names:
+        target = Path(os.path.realpath(folder / name))
+        if (folder / name).is_symlink() and not target.is_relative_to(real) and not follow_symlinks:
+            raise InputError(folder / name, f"is a symlink to {target}, outside the model folder; refused "
+                                            "(pass follow_symlinks=True, or --follow-symlinks, if you trust "
+                                            "it)")
+
+
+def read_model_dir(path: str | Path, follow_symlinks: bool = False
+                   ) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """Read a weights folder (safetensors only, never pickle); the config keys are validated. Its files
+    may be symlinks leading outside the folder only with `follow_symlinks` (Hub snapshots are)."""
     folder = Path(path)
     if not folder.is_dir():
         raise InputError(folder, "not a folder")
+    check_links(folder, (WEIGHTS_NAME, CONFIG_NAME), follow_symlinks)
     missing = [n for n in (WEIGHTS_NAME, CONFIG_NAME) if not (folder / n).is_file()]
     if missing:
         hint = " (pickled .bin/.pt weights are not read; convert them to safetensors)" \

@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 
 
 def load_pretrained(source: str | Path, which: str | None = None, map_location: str | torch.device = "cpu",
-                    revision: str | None = None, **hub_kwargs: Any) -> nn.Module:
+                    revision: str | None = None, follow_symlinks: bool = False,
+                    **hub_kwargs: Any) -> nn.Module:
     """Build the backbone described by `source` and load its weights exactly.
 
     Args:
@@ -35,6 +36,8 @@ def load_pretrained(source: str | Path, which: str | None = None, map_location: 
         which: "teacher" or "student" for checkpoints holding both (the paper's; default teacher).
             For a single-network folder it must match the network it holds, when recorded.
         map_location: device of the returned module.
+        follow_symlinks: read a local folder whose files are symlinks leading outside it (refused
+            otherwise; Hub snapshots, symlinks into huggingface_hub's own cache, are always read).
         revision, hub_kwargs: for Hub repositories, passed to `huggingface_hub.snapshot_download`
             (`token`, `cache_dir`, ...).
 
@@ -46,22 +49,22 @@ def load_pretrained(source: str | Path, which: str | None = None, map_location: 
         >>> net.lsmfm_config.patch_size
         [64, 64, 64]
     """
-    config, state, origin = _resolve(source, which, revision, hub_kwargs)
+    config, state, origin = _resolve(source, which, revision, follow_symlinks, hub_kwargs)
     net = build_backbone(config.backbone)
     load_strict(net, state, origin)
     net.lsmfm_config = config
     return net.to(map_location).eval()
 
 
-def _resolve(source: str | Path, which: str | None, revision: str | None, hub_kwargs: dict[str, Any]
-             ) -> tuple[ModelConfig, dict[str, torch.Tensor], str]:
+def _resolve(source: str | Path, which: str | None, revision: str | None, follow_symlinks: bool,
+             hub_kwargs: dict[str, Any]) -> tuple[ModelConfig, dict[str, torch.Tensor], str]:
     from lsmfm.weights.download import hub_repo, snapshot
     from lsmfm.weights.registry import RELEASES
 
     text = str(source)
     path = Path(text).expanduser()
     if path.is_dir():
-        return _single_network(*read_model_dir(path), path, which)
+        return _single_network(*read_model_dir(path, follow_symlinks), path, which)
     if path.is_file():
         return _from_file(path, which)
     if text in RELEASES:
@@ -69,7 +72,7 @@ def _resolve(source: str | Path, which: str | None, revision: str | None, hub_kw
     repo = hub_repo(text)
     if repo is not None:
         folder = snapshot(repo, revision, **hub_kwargs)
-        return _single_network(*read_model_dir(folder), folder, which)
+        return _single_network(*read_model_dir(folder, follow_symlinks=True), folder, which)
     raise InputError(source, "not found: no such file or folder, not an hf-hub:org/name id, and not a "
                              f"registered release ({', '.join(sorted(RELEASES))})")
 
