@@ -240,3 +240,28 @@ def test_cli_progress_in_a_batch_log_and_quiet(tmp_path):
     quiet = subprocess.run([*argv, "--out", str(tmp_path / "b"), "--quiet"], capture_output=True, text=True,
                            env=env, timeout=300)
     assert quiet.returncode == 0 and quiet.stderr == ""
+
+
+def _full_device() -> bool:
+    import stat
+
+    return Path("/dev/full").exists() and stat.S_ISCHR(Path("/dev/full").stat().st_mode)
+
+
+@pytest.mark.skipif(not _full_device(), reason="needs the /dev/full device (Linux): a real full-disk write")
+def test_writes_cut_short_without_an_errno_are_one_line_naming_the_output(tmp_path):
+    """torch.save and numpy report a write into a full device without an errno ("unexpected pos",
+    "N requested and M written"): the real errors, from /dev/full, still read as a full disk."""
+    import numpy as np
+    import torch
+
+    args = argparse.Namespace(out=tmp_path / "run")
+    for write in (lambda: torch.save({"w": torch.zeros(10_000)}, "/dev/full"),
+                  lambda: np.zeros(100_000).tofile("/dev/full")):
+        with pytest.raises(Exception) as raised:
+            write()
+        message = common.user_error_message(raised.value, args)
+        expected = "cannot write: a write was cut short (a full disk, a quota or a file-size limit; "
+        assert message is not None and message.startswith(f"{tmp_path / 'run'}: {expected}")
+        assert "GiB free on its device" in message
+    assert common.user_error_message(RuntimeError("unexpected result"), args) is None  # still a bug

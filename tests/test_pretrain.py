@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -147,3 +150,78 @@ def test_real_patches_with_their_text_prompts(shared_data, tmp_path):
     # not collapsed onto one prototype
     assert metrics["monitors"]["teacher_entropy_global"] > 0.05 * math.log(k)
     assert metrics["monitors"]["feature_std"] > 0.01
+
+
+# ---- bad data and faults: one line, found before set-up where possible, no run folder left -------
+
+def _pretrain_cli(catalog: Path, run: Path, *extra: str) -> list[str]:
+    return ["pretrain", "--config", str(TINY), "--out", str(run), "--quiet",
+            *tiny_overrides(catalog, 1, **{"train.image_every": 0}), *extra]
+
+
+@pytest.mark.parametrize("fault", ["missing store", "patch larger than the volume"])
+def test_bad_data_is_refused_before_set_up_and_leaves_no_run_folder(catalog, tmp_path, monkeypatch, capsys,
+                                                                    fault):
+    """The stores are checked (metadata only) before the model, the engine or the run folder exist."""
+    from lsmfm.cli.main import main
+    from lsmfm.data.catalog.entries import write_catalog
+    from lsmfm.training import pretrain as pretrain_mod
+
+    def no_set_up(*args, **kwargs):
+        raise AssertionError("set-up started before the data was checked")
+
+    monkeypatch.setattr(pretrain_mod, "Trainer", no_set_up)
+    run, extra = tmp_path / "run", []
+    if fault == "missing store":
+        catalog = write_catalog(tmp_path / "c.yaml", [{"id": "gone", "store": str(tmp_path / "gone.zarr"),
+                                                        "descriptions": ["a volume"]}])
+        expected = f"{tmp_path / 'gone.zarr'}: catalog entry 'gone': store is missing"
+    else:
+        extra = ["data.patch_size=[64,64,64]"]  # the stores are 48³
+        expected = "patch region [64, 64, 64] (z, y, x; patch [64, 64, 64]) is larger than the volume"
+    assert main(_pretrain_cli(catalog, run, *extra)) == 1
+    err = capsys.readouterr().err
+    assert expected in err and err.count("\n") == 1 and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["c.yaml"] if fault == "missing store" else [])
+
+
+@pytest.mark.slow
+def test_a_lost_shard_found_mid_run_is_one_line_and_leaves_no_run_folder(catalog, tmp_path, capsys):
+    """Found only when read: the shard's path in one line; the run had no checkpoint, so no folder stays."""
+    import shutil
+
+    from lsmfm.cli.main import main
+    from lsmfm.data.catalog.entries import write_catalog
+
+    store = shutil.copytree(catalog.parent / "stores" / "vessels.zarr", tmp_path / "lost.zarr")
+    shard = next(p for p in sorted((store / "0" / "c").rglob("*")) if p.is_file())
+    shard.unlink()
+    lost = write_catalog(tmp_path / "c.yaml", [{"id": "lost", "store": str(store), "descriptions": ["v"]}])
+    run = tmp_path / "run"
+    assert main(_pretrain_cli(lost, run)) == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith(f"lsmfm pretrain: error: {shard}: missing shard: every chunk of this array")
+    assert not run.exists() and not (tmp_path / "run.lock").exists()
+
+
+@pytest.mark.slow
+def test_a_checkpoint_cut_short_by_the_disk_is_one_line_naming_the_run(catalog, tmp_path):
+    """torch.save (inside DeepSpeed) reports a short write as "unexpected pos": a real one, made by a
+    file-size limit that stops the checkpoint's files (a full disk does the same), is one line."""
+    import resource
+    import signal
+
+    def limit_file_size() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails instead of killing the process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1_000_000, resource.RLIM_INFINITY))
+
+    run = tmp_path / "run"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    done = subprocess.run([sys.executable, "-m", "lsmfm.cli.main", *_pretrain_cli(catalog, run)], env=env,
+                          cwd=REPO, capture_output=True, text=True, timeout=900, preexec_fn=limit_file_size)
+    assert done.returncode == 1, done.stderr[-3000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"lsmfm pretrain: error: {run}: cannot write: a write was cut short"), last
+    assert "Traceback" not in done.stderr and not run.exists()

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Literal
 
 from lsmfm.errors import InputError, LsmfmError, LsmfmWarning
+from lsmfm.io.atomic import cut_short_error
 
 # OS errors caused by the environment or the user's paths, not by lsmfm: reported in one line.
 USER_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EEXIST,
@@ -84,7 +85,7 @@ def check_writable(folder: str | Path) -> None:
         raise InputError(p, "is a file, so no folder can be created under it")
     if not os.access(p, os.W_OK | os.X_OK):
         problem = "read-only file system" if _read_only_fs(p) else "permission denied"
-        raise InputError(p, f"cannot write here ({problem}); choose an --out in a folder you can write")
+        raise InputError(p, f"cannot write here ({problem}); choose a path in a folder you can write")
 
 
 def _read_only_fs(path: Path) -> bool:
@@ -107,10 +108,11 @@ def user_error_message(exc: BaseException, args: argparse.Namespace | None = Non
             where = f"{exc.filename} -> {exc.filename2}"
         return f"{where}: {problem}" if where is not None else problem
     text = str(exc)
+    where = _output_of(args)
     if any(t in text for t in NO_SPACE_TEXT):  # e.g. safetensors or zarr re-raising ENOSPC as text
-        where = _output_of(args)
         return f"{where}: no space left on device" if where is not None else "no space left on device"
-    return None
+    cut_short = cut_short_error(exc, where)
+    return str(cut_short) if cut_short is not None else None
 
 
 def _output_of(args: argparse.Namespace | None) -> Any:

@@ -65,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
         return STOPPED if summary["stopped"] else 0
     if summary["stopped"]:
         print(f"stopped after {summary['blocks_done']} of {summary['blocks']} blocks (signal); they are kept "
-              f"in {summary['out']}.partial: run the same command again to finish")
+              f"in {summary['out']}.partial: run the same command again to finish (or delete it to "
+              "discard them)")
         return STOPPED
     shape = "x".join(str(s) for s in summary["shape"])
     ranks = f" on {summary['ranks']} ranks" if summary["ranks"] > 1 else ""

@@ -5,6 +5,7 @@ import contextlib
 import errno
 import glob
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -109,11 +110,31 @@ def disk_error(exc: BaseException, target: str | Path) -> InputError | None:
     naming the output rather than whatever was being read; None for any other failure."""
     if not isinstance(exc, OSError) or exc.errno not in _DISK_ERRNOS:
         return None
-    target = Path(target)
+    return InputError(target, f"cannot write: {os.strerror(exc.errno)} ({free_gib(target):.1f} GiB free on "
+                              "its device); free some space or choose another output")
+
+
+def cut_short_error(exc: BaseException, target: str | Path | None) -> InputError | None:
+    """The one-line error for a write that a library reports without an errno (torch.save's "unexpected
+    pos", numpy's "N requested and M written"): on a full disk or over quota, these are all it says."""
+    chain = [exc]
+    while chain[-1].__cause__ or chain[-1].__context__:
+        chain.append(chain[-1].__cause__ or chain[-1].__context__)  # type: ignore[arg-type]
+    if not any(re.search(CUT_SHORT, str(e)) for e in chain):
+        return None
+    free = f"; {free_gib(target):.1f} GiB free on its device" if target is not None else ""
+    return InputError(target, f"cannot write: a write was cut short (a full disk, a quota or a file-size "
+                              f"limit{free}); free some space or choose another output")
+
+
+def free_gib(target: str | Path) -> float:
+    """Free space, in GiB, on the device of `target` (or of its nearest existing parent)."""
+    target = Path(target).absolute()
     folder = next((p for p in [target, *target.parents] if p.exists()), Path("."))
-    free = shutil.disk_usage(folder).free
-    return InputError(target, f"cannot write: {os.strerror(exc.errno)} ({free / 2**30:.1f} GiB free on its "
-                              "device); free some space or choose another output")
+    return shutil.disk_usage(folder).free / 2**30
 
 
 _DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
+# How writers without an errno report a short write: torch.save (PytorchStreamWriter), numpy.tofile.
+CUT_SHORT = r"unexpected pos \d+ vs \d+|basic_ios::clear: iostream error|file write failed|" \
+            r"\d+ requested and \d+ written"

@@ -123,14 +123,20 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, resume: bool = False, ove
     out = Path(out_dir)
     if not overwrite:
         _check_run_dir(cfg, out, resume)
-    _check_catalogs(cfg.data)
-    if overwrite and distributed.ensure_env().is_main:
-        clear_run_dir(out)
     device = resolve_device(cfg.train.device, distributed.ensure_env().local_rank)
     env = distributed.init(device)
     try:
         with _run_lock(out, env, device), _torch_settings(cfg.train):
-            return Trainer(cfg, out, env, device, resume, progress).run()
+            _check_data(cfg.data)
+            if overwrite and env.is_main:
+                clear_run_dir(out)
+            new_folder = not out.exists()
+            try:
+                return Trainer(cfg, out, env, device, resume, progress).run()
+            except BaseException:
+                if new_folder and env.is_main:
+                    _remove_unfinished_run(out)
+                raise
     finally:
         distributed.shutdown()
 
@@ -183,14 +189,22 @@ def clear_run_dir(out: Path) -> None:
     shutil.rmtree(out)
 
 
-def _check_catalogs(data: StreamConfig) -> None:
-    """Read every catalog before the (slow) model and engine are built: a typo fails at once."""
-    from lsmfm.data.catalog.entries import load_catalog
+def _check_data(data: StreamConfig) -> None:
+    """Check every catalog and image (metadata only) before the slow model and engine are built and
+    before the run folder exists: a typo or a missing store fails at once and leaves nothing."""
+    from lsmfm.data.stream.dataset import plan_sources
 
     if not data.catalogs:
         raise ConfigError("data.catalogs is empty: list at least one catalog YAML")
-    for path in data.catalogs:
-        load_catalog(path)
+    plan_sources(data)
+
+
+def _remove_unfinished_run(out: Path) -> None:
+    """A run folder this run created and that holds no checkpoint has nothing to resume: remove it, so
+    the same command can simply be run again once the problem is fixed."""
+    ckpts = checkpoint.checkpoint_dir(out)
+    if out.is_dir() and not (ckpts.is_dir() and any(ckpts.glob("step_*"))):
+        shutil.rmtree(out, ignore_errors=True)
 
 
 @contextlib.contextmanager

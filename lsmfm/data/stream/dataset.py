@@ -75,7 +75,7 @@ class PatchStream(IterableDataset):
             raise ValueError(f"start_index must be >= 0 and block >= 1, got {start_index}, {block}")
         self.cfg, self.rank, self.world_size, self.seed = cfg, rank, world_size, seed
         self.start_index, self.block = start_index, block
-        self.sources = _plan_sources(cfg)
+        self.sources = plan_sources(cfg)
         self.weights = [s.weight for s in self.sources]
         self.augment = Augmenter(cfg.augment)
         self._state: _WorkerState | None = None
@@ -177,7 +177,7 @@ def _resize(x: torch.Tensor, size: list[int], mode: str = "area") -> torch.Tenso
     return torch.nn.functional.interpolate(x[None], size=tuple(size), mode=mode, **kwargs)[0]
 
 
-def _plan_sources(cfg: StreamConfig) -> list[_Source]:
+def plan_sources(cfg: StreamConfig) -> list[_Source]:
     """Every catalog entry and image checked up front, so bad input fails before any patch is read."""
     from lsmfm.data.catalog.entries import load_catalog
 
@@ -244,7 +244,6 @@ def worker_input_error(exc: BaseException) -> InputError | None:
     error = InputError(None, found.group(3))
     error.__cause__ = exc
     return error
-_INPUT_ERRORS = {"InputError", "ChunkError", "OutputLocked"}
 
 
 def stream_report(cfg: StreamConfig, n_batches: int, batch_size: int, num_workers: int, seed: int = 0,
