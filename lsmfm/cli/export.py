@@ -19,7 +19,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="network to export; default teacher (the EMA encoder, smoother and better "
                              "downstream)")
     parser.add_argument("--tag", default=None,
-                        help="checkpoint tag (default: the one named by checkpoints/latest)")
+                        help="checkpoint tag, or best (the best validation loss); default: the one named by "
+                             "checkpoints/latest")
     add_overwrite(parser, "--out")
 
 

@@ -254,6 +254,13 @@ class SSLModel(nn.Module):
         text = self.text_encoder.lr_scale(step) if self.text_encoder is not None else 0.0
         return {"decay": 1.0, "no_decay": 1.0, "text_top_decay": text, "text_top_no_decay": text}
 
+    def loss_weights(self) -> dict[str, float]:
+        """Weight of each loss term in the total."""
+        cfg = self.config
+        return {"recon": cfg.recon.weight, "distill": cfg.distill.weight,
+                "distill_global": cfg.distill.global_weight, "clip": cfg.clip.weight,
+                "align": cfg.clip.align_weight}
+
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:
         """EMA of the student into the teacher; call exactly once per optimizer step."""
@@ -282,9 +289,7 @@ class SSLModel(nn.Module):
         self._distill_terms(feats, t_feats, mask, step, terms, monitors)
         if self.text_encoder is not None:
             self._clip_terms(feats, texts, step, terms, monitors)
-        weights = {"recon": cfg.recon.weight, "distill": cfg.distill.weight,
-                   "distill_global": cfg.distill.global_weight, "clip": cfg.clip.weight,
-                   "align": cfg.clip.align_weight}
+        weights = self.loss_weights()
         loss = sum(weights[k] * v for k, v in terms.items())
         mid = images.shape[2] // 2
         visuals = {"input": images[0, 0, mid].detach().float(), "masked": masked[0, 0, mid].detach().float(),

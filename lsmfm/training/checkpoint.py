@@ -6,6 +6,8 @@ Layout of a run folder::
       config.yaml                    resolved PretrainConfig: data (StreamConfig), model (SSLConfig), train
       checkpoints/
         latest                       text file naming the newest complete tag, e.g. "step_00000500"
+        best                         with validation: names the tag of the best validation loss (kept by
+                                     the pruning of old tags)
         step_00000500/               one tag, written by `engine.save_checkpoint`
           mp_rank_00_model_states.pt   module state dict of SSLModel ("module": keys student.backbone.*,
                                        teacher.backbone.*, heads, loss centres, ...) and the client state
@@ -180,15 +182,30 @@ def restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save(engine: Any, run_dir: str | Path, step: int, client_state: dict[str, Any], keep: int = 0) -> str:
+def best_tag(run_dir: str | Path) -> str | None:
+    """The tag named by `checkpoints/best` (the best validation loss), or None; checked like `latest`."""
+    best = checkpoint_dir(run_dir) / "best"
+    if not best.is_file():
+        return None
+    tag = best.read_text().strip()
+    tag_path(run_dir, tag, source=best)
+    return tag
+
+
+def save(engine: Any, run_dir: str | Path, step: int, client_state: dict[str, Any], keep: int = 0,
+         best: bool = False) -> str:
     """Collective: save a checkpoint of `engine` at `step`; per-rank RNG states are gathered into it.
 
-    A step that already has a complete tag is not saved again. `keep` > 0 deletes older tags beyond
-    the newest `keep`. Returns the tag.
+    A step that already has a complete tag is not saved again. `best` marks the tag in
+    `checkpoints/best`. `keep` > 0 deletes older tags beyond the newest `keep`, except the best one.
+    Returns the tag.
     """
     root = checkpoint_dir(run_dir)
     tag = tag_for(step)
     if (root / tag).is_dir():
+        if best and engine.global_rank == 0:
+            atomic_write_text(root / "best", tag)
+        distributed.barrier()
         return tag
     tmp_tag = TMP_PREFIX + tag
     distributed.barrier()
@@ -200,8 +217,10 @@ def save(engine: Any, run_dir: str | Path, step: int, client_state: dict[str, An
     engine.save_checkpoint(str(root), tag=tmp_tag, client_state=state, save_latest=False)
     if engine.global_rank == 0:
         _commit(root, tmp_tag, tag, state.get("config"))
+        if best:
+            atomic_write_text(root / "best", tag)
         if keep > 0:
-            _prune(root, keep)
+            _prune(root, keep, best_tag(run_dir))
     distributed.barrier()
     return tag
 
@@ -250,7 +269,8 @@ def _commit(root: Path, tmp_tag: str, tag: str, config: dict[str, Any] | None) -
     atomic_write_text(root / "latest", tag)
 
 
-def _prune(root: Path, keep: int) -> None:
+def _prune(root: Path, keep: int, protected: str | None = None) -> None:
     tags = sorted(p for p in root.glob("step_*") if p.is_dir())
     for old in tags[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        if old.name != protected:
+            shutil.rmtree(old, ignore_errors=True)

@@ -5,6 +5,8 @@
   reconstruction). On resume the writer purges events after the checkpoint step, so curves do not fold back.
 - `losses.jsonl`: one JSON line per optimizer step (`step`, `loss` and every term), the file the
   resume test compares; on resume lines after the checkpoint step are dropped.
+- `validation.jsonl`: one line per validation (`step`, the monitored `loss`, every term, `best`), likewise
+  truncated on resume.
 - a tqdm bar with ETA and the current loss.
 """
 from __future__ import annotations
@@ -34,7 +36,9 @@ class RunLogger:
         from lsmfm.progress import progress_bar
 
         self.losses_path = self.run_dir / "losses.jsonl"
+        self.validation_path = self.run_dir / "validation.jsonl"
         truncate_jsonl(self.losses_path, start_step)
+        truncate_jsonl(self.validation_path, start_step)
         purge = start_step + 1 if start_step else None
         self.writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=purge)
         self.bar = progress_bar(total=max_steps, initial=start_step, desc="pretrain", unit="step",
@@ -49,6 +53,15 @@ class RunLogger:
             fh.write(json.dumps(record) + "\n")
         self.bar.update(1)
         self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+
+    def validation(self, step: int, loss: float, terms: Mapping[str, float], best: bool) -> None:
+        """Record one validation in validation.jsonl and TensorBoard ("val/loss", "val/<term>")."""
+        if not self.enabled:
+            return
+        record = {"step": step, "loss": loss, **{k: float(v) for k, v in terms.items()}, "best": best}
+        with open(self.validation_path, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        self.scalars(step, {"val/loss": loss, **{f"val/{k}": v for k, v in terms.items()}})
 
     def scalars(self, step: int, values: Mapping[str, float]) -> None:
         """TensorBoard scalars, names like "loss/recon", "lr/backbone", "monitor/teacher_entropy"."""

@@ -33,6 +33,7 @@ from lsmfm.io.atomic import atomic_write_text
 from lsmfm.models.ssl import SSLConfig
 from lsmfm.training import checkpoint, distributed
 from lsmfm.training.schedules import warmup_cosine
+from lsmfm.training.validation import ValidationConfig
 
 
 @dataclass
@@ -92,11 +93,13 @@ class TrainConfig:
 
 @dataclass
 class PretrainConfig:
-    """A pretraining recipe: the patch stream, the SSL model and the training settings."""
+    """A pretraining recipe: the patch stream, the SSL model, the training settings and the validation
+    split (held-out catalog entries; off by default)."""
 
     data: StreamConfig = field(default_factory=StreamConfig)
     model: SSLConfig = field(default_factory=SSLConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
 
     def __post_init__(self) -> None:
         multiple = max(self.model.backbone.size_multiple, max(self.model.masking.block_sizes))
@@ -128,6 +131,7 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, resume: bool = False, ove
     try:
         with _run_lock(out, env, device), _torch_settings(cfg.train):
             _check_data(cfg.data)
+            split_volumes(cfg)
             if overwrite and env.is_main:
                 clear_run_dir(out)
             new_folder = not out.exists()
@@ -171,7 +175,8 @@ def _check_run_dir(cfg: PretrainConfig, out: Path, resume: bool) -> None:
     if has_ckpt and saved.is_file():
         before = read_yaml(saved)
         now = to_dict(cfg)
-        changed = [k for k in ("data", "model") if before.get(k) != now[k]]
+        unvalidated = to_dict(ValidationConfig())  # runs saved before the validation section existed
+        changed = [k for k in ("data", "model", "validation") if before.get(k, unvalidated) != now[k]]
         if changed:
             raise ConfigError(f"{saved}: resuming with a different {' and '.join(changed)} section than the "
                               "checkpointed run; only train.* settings may change on resume")
@@ -197,6 +202,17 @@ def _check_data(data: StreamConfig) -> None:
     if not data.catalogs:
         raise ConfigError("data.catalogs is empty: list at least one catalog YAML")
     plan_sources(data)
+
+
+def split_volumes(cfg: PretrainConfig) -> tuple[list[str] | None, list[str]]:
+    """(training entry ids, validation entry ids); (None, []) without validation (every entry trains)."""
+    from lsmfm.data.catalog.entries import load_catalog
+    from lsmfm.data.stream.split import split_entries
+
+    if not cfg.validation.enabled:
+        return None, []
+    ids = [entry.id for path in cfg.data.catalogs for entry in load_catalog(path)]
+    return split_entries(ids, cfg.validation.fraction, cfg.train.seed)
 
 
 def _remove_unfinished_run(out: Path) -> None:
@@ -265,12 +281,16 @@ class Trainer:
     def __init__(self, cfg: PretrainConfig, out: Path, env: distributed.DistEnv, device: torch.device,
                  resume: bool, progress: bool = True) -> None:
         from lsmfm.models.ssl import SSLModel
+        from lsmfm.training.validation import Validator
 
         t = cfg.train
         self.cfg, self.out, self.env, self.device = cfg, out, env, device
         seed_everything(t.seed, env.rank)
         self.model = SSLModel(cfg.model).to(device)
         self.engine = build_engine(self.model, t, env.world_size, device)
+        self.train_entries, val_entries = split_volumes(cfg)
+        self.validator = (Validator(cfg, val_entries, t.seed, env.rank, env.world_size, device)
+                          if val_entries else None)
         self.step, self.samples = 0, 0
         self.rng_state: dict[str, Any] | None = None
         if resume:
@@ -292,6 +312,8 @@ class Trainer:
         samples = state["samples"]
         self.samples = int(samples[self.env.rank] if self.env.rank < len(samples) else samples[0])
         self.model.teacher_updates = int(state["teacher_updates"])
+        if self.validator is not None and "validation" in state:
+            self.validator.load_state_dict(state["validation"])
         rngs = state["rng"]
         self.rng_state = rngs[self.env.rank] if self.env.rank < len(rngs) else None
 
@@ -305,6 +327,9 @@ class Trainer:
         try:
             while self.step < t.max_steps:
                 self._optimizer_step(batches)
+                if self._validate():
+                    self._checkpoint()
+                    break
                 if self._should_stop():
                     self._checkpoint()
                     break
@@ -319,7 +344,7 @@ class Trainer:
         t = self.cfg.train
         loader = make_loader(self.cfg.data, batch_size=t.batch_size, num_workers=t.num_workers,
                              rank=self.env.rank, world_size=self.env.world_size, seed=t.seed,
-                             start_index=self.samples)
+                             start_index=self.samples, entries=self.train_entries)
         return iter(loader)
 
     def _optimizer_step(self, batches: Iterator[dict[str, Any]]) -> None:
@@ -363,14 +388,27 @@ class Trainer:
         if t.image_every and (self.step % t.image_every == 0 or self.step == 1):
             self.log.images(self.step, output.visuals)
 
+    def _validate(self) -> bool:
+        """Validate when due; checkpoint and mark a new best. True when patience ran out (stop)."""
+        if self.validator is None or not self.validator.due(self.step):
+            return False
+        result = self.validator.evaluate(self.engine, self.step)
+        self.log.validation(self.step, result.loss, result.terms, result.improved)
+        if result.improved:
+            self._checkpoint(best=True)
+        return self.validator.exhausted
+
     def _should_stop(self) -> bool:
         return distributed.any_rank(self.stop.requested, self.device)
 
-    def _checkpoint(self) -> None:
+    def _checkpoint(self, best: bool = False) -> None:
         samples = distributed.gather_objects(self.samples)
         state = {"samples": samples, "teacher_updates": int(self.model.teacher_updates),
                  "config": to_dict(self.cfg), "scheduler": self._schedule_state()}
-        checkpoint.save(self.engine, self.out, self.step, state, keep=self.cfg.train.keep_checkpoints)
+        if self.validator is not None:
+            state["validation"] = self.validator.state_dict()
+        checkpoint.save(self.engine, self.out, self.step, state, keep=self.cfg.train.keep_checkpoints,
+                        best=best)
 
     def _schedule_state(self) -> dict[str, Any]:
         t = self.cfg.train
@@ -385,6 +423,8 @@ class Trainer:
         metrics = {"step": self.step, **self.last, "teacher_updates": int(self.model.teacher_updates),
                    "seconds": round(seconds, 3), "seconds_per_step": round(seconds / max(steps, 1), 4),
                    "stopped_early": self.step < self.cfg.train.max_steps}
+        if self.validator is not None:
+            metrics["validation"] = {**self.validator.state_dict(), "tag": checkpoint.best_tag(self.out)}
         if self.env.is_main:
             atomic_write_text(done, json.dumps(metrics, indent=2) + "\n")
         return metrics

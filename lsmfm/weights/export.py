@@ -59,11 +59,16 @@ def export_run(run_dir: str | Path, out_dir: str | Path, which: str = "teacher",
 
 
 def _tag_dir(run: Path, tag: str | None) -> Path:
-    from lsmfm.training.checkpoint import checkpoint_dir, latest_tag, tag_path
+    from lsmfm.training.checkpoint import best_tag, checkpoint_dir, latest_tag, tag_path
 
     if not run.is_dir():
         raise InputError(run, "run folder not found")
     root = checkpoint_dir(run)
+    if tag == "best":
+        tag = best_tag(run)
+        if tag is None:
+            raise InputError(root, "no checkpoints/best file: the run had no validation "
+                                   "(validation.fraction)")
     if tag is None:
         tag = latest_tag(run)
         if tag is None:

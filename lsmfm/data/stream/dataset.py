@@ -15,7 +15,7 @@ import os
 import re
 import time
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Collection, Iterator
 
 import numpy as np
 import torch
@@ -60,6 +60,7 @@ class PatchStream(IterableDataset):
         start_index: first global sample index (samples consumed so far, to resume).
         block: indices are dealt to DataLoader workers in blocks of this size (`make_loader` uses the
             batch size so batches arrive in index order).
+        entries: stream only these catalog entry ids (a train or validation split); None: all.
 
     Example:
         >>> stream = PatchStream(load_config(StreamConfig, "stream.yaml"), seed=0)
@@ -67,7 +68,7 @@ class PatchStream(IterableDataset):
     """
 
     def __init__(self, cfg: StreamConfig, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 start_index: int = 0, block: int = 1) -> None:
+                 start_index: int = 0, block: int = 1, entries: Collection[str] | None = None) -> None:
         super().__init__()
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
@@ -75,7 +76,7 @@ class PatchStream(IterableDataset):
             raise ValueError(f"start_index must be >= 0 and block >= 1, got {start_index}, {block}")
         self.cfg, self.rank, self.world_size, self.seed = cfg, rank, world_size, seed
         self.start_index, self.block = start_index, block
-        self.sources = plan_sources(cfg)
+        self.sources = plan_sources(cfg, entries)
         self.weights = [s.weight for s in self.sources]
         self.augment = Augmenter(cfg.augment)
         self._state: _WorkerState | None = None
@@ -177,8 +178,9 @@ def _resize(x: torch.Tensor, size: list[int], mode: str = "area") -> torch.Tenso
     return torch.nn.functional.interpolate(x[None], size=tuple(size), mode=mode, **kwargs)[0]
 
 
-def plan_sources(cfg: StreamConfig) -> list[_Source]:
-    """Every catalog entry and image checked up front, so bad input fails before any patch is read."""
+def plan_sources(cfg: StreamConfig, entries: Collection[str] | None = None) -> list[_Source]:
+    """Every catalog entry (of `entries`, when given) and image checked up front, so bad input fails
+    before any patch is read."""
     from lsmfm.data.catalog.entries import load_catalog
 
     if not cfg.catalogs:
@@ -186,8 +188,12 @@ def plan_sources(cfg: StreamConfig) -> list[_Source]:
     sources = []
     for path in cfg.catalogs:
         for entry in load_catalog(path):  # an empty or malformed catalog is a ConfigError naming the file
+            if entries is not None and entry.id not in entries:
+                continue
             images = [plan_image(p, entry.channel, cfg) for p in entry.images()]
             sources.append(_Source(entry.id, float(entry.weight), list(entry.descriptions), images))
+    if not sources:
+        raise InputError(None, f"no catalog entry of {cfg.catalogs} is among {sorted(entries or [])}")
     return sources
 
 
@@ -199,11 +205,12 @@ def collate_patches(samples: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def make_loader(cfg: StreamConfig, batch_size: int, num_workers: int = 0, rank: int = 0, world_size: int = 1,
-                seed: int = 0, start_index: int = 0) -> DataLoader:
+                seed: int = 0, start_index: int = 0, entries: Collection[str] | None = None) -> DataLoader:
     """A DataLoader over `PatchStream` whose batches hold global indices start_index, start_index + 1, ...
-    in order, for any number of workers; resume with start_index = samples consumed by this rank."""
+    in order, for any number of workers; resume with start_index = samples consumed by this rank.
+    `entries` restricts it to those catalog entries (the training split)."""
     stream = PatchStream(cfg, rank=rank, world_size=world_size, seed=seed, start_index=start_index,
-                         block=batch_size)
+                         block=batch_size, entries=entries)
     return PatchLoader(stream, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_patches,
                        persistent_workers=num_workers > 0)
 
