@@ -7,7 +7,9 @@ LocalCluster of worker processes, which is what `--dask-address` does with a clu
 The source is a lazy uint16 volume (noisy background with bright blobs, generated block by block by
 Dask, so the benchmark never holds it). Every run is a fresh subprocess; memory is the peak RSS
 (VmHWM) of the ingesting process and, for the cluster, of each worker process. Files per TiB is the
-number of files of the whole store (every pyramid level, metadata) per TiB of uint16 level-0 data. The
+number of files of the whole store (every pyramid level, metadata) per TiB of uint16 level-0 data; a
+small store is mostly metadata and coarse levels, so the "1 TiB volume" column counts the files of a
+whole 8192³ uint16 store by lsmfm's layout (`layout_files`, which must equal every measured count). The
 cluster's store is compared file by file with the local one (they must be identical).
 """
 from __future__ import annotations
@@ -26,6 +28,8 @@ from pathlib import Path
 import numpy as np
 
 BLOCK = 128
+VOXEL = (2.0, 1.0, 1.0)
+TIB_VOLUME = (8192, 8192, 8192)  # 1 TiB of uint16
 
 
 def lazy_volume(size: int):
@@ -58,12 +62,30 @@ def measure(size: int, out: str, shard: int, workers: int) -> dict:
 
     with dask_client(workers=workers or None) as client:
         start = time.perf_counter()
-        ingest_array(lazy_volume(size), (2.0, 1.0, 1.0), out, shard=shard, progress=False)
+        ingest_array(lazy_volume(size), VOXEL, out, shard=shard, progress=False)
         seconds = time.perf_counter() - start
         worker_peaks = list(client.run(_vm_hwm_mib).values()) if client is not None else []
     files = [p for p in Path(out).rglob("*") if p.is_file()]
     return {"seconds": seconds, "rss_peak_mib": _vm_hwm_mib(), "worker_rss_peak_mib": worker_peaks,
             "files": len(files), "bytes": sum(p.stat().st_size for p in files)}
+
+
+def layout_files(shape: tuple[int, int, int], voxel: tuple[float, float, float], shard: int) -> int:
+    """Files of an ingested store of `shape` by lsmfm's layout alone (every level's shards or chunks, one
+    zarr.json per level and the group's): checked against the stores measured here, then used for a
+    whole 1 TiB volume, which this machine cannot write."""
+    from lsmfm.data.ingest.convert import pyramid_factors
+    from lsmfm.io.omezarr import level_shards
+
+    size, files = list(shape), 1
+    factors = pyramid_factors(shape, voxel, 64)
+    for level in range(len(factors) + 1):
+        chunks, shards = level_shards((1, *size), 64, shard)
+        unit = shards or chunks
+        files += 1 + int(np.prod([-(-s // u) for s, u in zip((1, *size), unit)]))
+        if level < len(factors):
+            size = [s // f for s, f in zip(size, factors[level])]
+    return files
 
 
 def child(size: int, out: Path, shard: int, workers: int) -> dict:
@@ -94,7 +116,9 @@ def run(args: argparse.Namespace) -> dict:
                 tib = size ** 3 * 2 / 2 ** 40
                 layout = f"shards of {shard}³ chunks" if shard > 1 else "a file per chunk"
                 rows.append({"size": size, "scheduler": scheduler, "layout": layout, "shard": shard, **row,
-                             "voxels_per_s": size ** 3 / row["seconds"], "files_per_tib": row["files"] / tib})
+                             "voxels_per_s": size ** 3 / row["seconds"], "files_per_tib": row["files"] / tib,
+                             "files_by_layout": layout_files((size,) * 3, VOXEL, shard),
+                             "files_1tib_volume": layout_files(TIB_VOLUME, VOXEL, shard)})
                 stores[(shard, workers)] = out
             rows[-1]["same_store_as_threads"] = digest(stores[(default, args.workers)]) == \
                 digest(stores[(default, 0)])
@@ -111,13 +135,14 @@ def table(result: dict) -> str:
     lines = [f"lazy uint16 volume, chunks 64³, {c['cpu_count']} cores, load {c['load_average_1min_start']}-"
              f"{c['load_average_1min_end']}",
              f"{'volume':>7} {'scheduler':<24} {'layout':<23} {'s':>7} {'Mvox/s':>7} {'peak MiB':>9} "
-             f"{'worker peaks MiB':>17} {'files':>6} {'files/TiB':>10} {'MB':>8}"]
+             f"{'worker peaks MiB':>17} {'files':>6} {'files/TiB':>10} {'1 TiB volume':>13} {'MB':>8}"]
     for r in result["rows"]:
         peaks = "/".join(f"{p:.0f}" for p in r["worker_rss_peak_mib"]) or "-"
         same = {True: " (same store)", False: " (DIFFERENT store)"}.get(r.get("same_store_as_threads"), "")
         lines.append(f"{r['size']:>6}³ {r['scheduler']:<24} {r['layout']:<23} {r['seconds']:>7.1f} "
                      f"{r['voxels_per_s'] / 1e6:>7.1f} {r['rss_peak_mib']:>9.0f} {peaks:>17} {r['files']:>6} "
-                     f"{r['files_per_tib']:>10.0f} {r['bytes'] / 1e6:>8.1f}{same}")
+                     f"{r['files_per_tib']:>10.0f} {r['files_1tib_volume']:>13} {r['bytes'] / 1e6:>8.1f}"
+                     f"{same}")
     return "\n".join(lines)
 
 

@@ -36,6 +36,9 @@ def test_ingest_benchmark_compares_layouts_and_schedulers(tmp_path):
     sharded, plain, cluster = json.loads(out.read_text())["rows"]
     assert plain["files"] > sharded["files"] == cluster["files"] and cluster["same_store_as_threads"]
     assert len(cluster["worker_rss_peak_mib"]) == 1
+    for row in (sharded, plain, cluster):  # the layout's count, used for a whole 1 TiB volume, is exact
+        assert row["files_by_layout"] == row["files"]
+    assert plain["files_1tib_volume"] > 7 * sharded["files_1tib_volume"]  # 2³ chunks per shard here
 
 
 # ---- the paper's step and masking (benchmarks/paper_step.py), the baseline of pretrain_step.py ------------
