@@ -9,7 +9,10 @@ the largest difference between the outputs.
 Ranks > 1 run under torchrun (gloo, CPU): the ranks share the machine's cores, so on a machine with as
 many cores as ranks x threads the scaling efficiency is what a cluster sees per node. `--resume` kills
 (-9) a run of the largest rank count once half of its blocks are recorded, re-runs the same command,
-and reports the total over one uninterrupted run.
+and reports the total over one uninterrupted run. Every process runs `--threads` torch threads (1 by
+default, what torchrun gives each rank): CPU convolutions sum in an order that depends on the thread
+count, so outputs are identical bit for bit between runs with the same threads per process (and differ
+in the last bits otherwise: 1 process on 2 threads vs 2 ranks on 1 thread each).
 
 Each input is an OME-Zarr store (uint16, chunks 64³ in shards of 4³ chunks, with ingest-style intensity
 statistics) generated slab by slab in a temporary folder, so the benchmark never holds a volume. The model is a small UNet
@@ -379,7 +382,8 @@ def main() -> int:
     parser.add_argument("--overlap", type=float, default=0.25)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads per rank (1, as torchrun sets; 0: torch's default)")
     parser.add_argument("--json", default=None, help="write the result to this JSON file")
     parser.add_argument("--block", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--measure-blockwise", nargs=3, help=argparse.SUPPRESS)
