@@ -7,21 +7,23 @@ from __future__ import annotations
 import csv
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from finetune_helpers import data_overrides, write_dataset
+from finetune_helpers import (
+    TIMING,
+    data_overrides,
+    kill_resume_sigterm_resume,
+    results,
+    without_timing,
+    write_dataset,
+)
 
 from lsmfm.cli.main import main
 from lsmfm.models.backbones.registry import build_backbone
 from lsmfm.models.backbones.unet import UNetConfig
 
-TIMING = ("train_seconds", "sec_per_iter", "peak_memory_mb")  # measured, differ between two runs
 FAST = ["train.max_steps=2", "train.val_every=2", "train.batch_size=2", "device=cpu", "seeds=[0]"]
 SAM_LORA = "{name: sam_lora, kind: baseline2d, model: {size: tiny}, peft: {method: lora, rank: 4}}"
 PTSAM = "{name: ptsam, kind: baseline2d, model: {size: tiny}, peft: {method: ptsam, n_tokens: 4}}"
@@ -36,11 +38,6 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     net = build_backbone(UNetConfig(channels=[8, 16, 32], strides=[2, 2], out_channels=8, num_res_units=1))
     return net.save_pretrained(tmp_path_factory.mktemp("weights") / "unet", patch_size=[32, 32, 32])
-
-
-def _rows(run: Path) -> list[dict[str, str]]:
-    with open(run / "results.csv") as fh:
-        return list(csv.DictReader(fh))
 
 
 def _arms(*arms: str) -> str:
@@ -58,7 +55,7 @@ def test_every_arm_kind_through_the_cli(dataset, weights, tmp_path, capsys):
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "| arm | kind | shots | seeds | dice | cldice | iou |" in out and "| ptsam | 2d | 2 | 1 |" in out
-    rows = _rows(run)
+    rows = results(run)
     assert list(rows[0])[:7] == ["arm", "kind", "shots", "seed", "dice", "cldice", "iou"]
     for column in ("trainable_params", "annotated_voxels", *TIMING, "val_dice", "steps", "train_patches"):
         assert column in rows[0]
@@ -67,10 +64,11 @@ def test_every_arm_kind_through_the_cli(dataset, weights, tmp_path, capsys):
                                              ("ptsam", "2d"))]
     for r in rows:
         assert all(0.0 <= float(r[m]) <= 1.0 for m in ("dice", "cldice", "iou"))
-        assert int(r["annotated_voxels"]) == 32 ** 3 * int(r["shots"]) == 32 ** 3 * len(r["train_patches"].split())
+        volumes = len(r["train_patches"].split())
+        assert int(r["annotated_voxels"]) == 32 ** 3 * int(r["shots"]) == 32 ** 3 * volumes
         assert float(r["train_seconds"]) > 0 and float(r["peak_memory_mb"]) > 0 and int(r["steps"]) == 2
     by_arm = {r["arm"]: r for r in rows if r["shots"] == "2"}
-    assert by_arm["unet"]["train_patches"] == by_arm["sam_lora"]["train_patches"] == by_arm["ptsam"]["train_patches"]
+    assert len({by_arm[a]["train_patches"] for a in ("unet", "scratch", "sam_lora", "ptsam")}) == 1
     # PTSAM trains only its prompt tokens (4 x 64); LoRA rank 4 on q and v plus SAM's mask decoder
     assert int(by_arm["ptsam"]["trainable_params"]) == 4 * 64
     assert int(by_arm["sam_lora"]["trainable_params"]) > int(by_arm["ptsam"]["trainable_params"])
@@ -85,7 +83,8 @@ def test_every_arm_kind_through_the_cli(dataset, weights, tmp_path, capsys):
     assert table.startswith("| arm | kind |") and table.count("\n") == 2 + 8
     with open(run / "per_image.csv") as fh:
         per_image = list(csv.DictReader(fh))
-    assert len(per_image) == 8 * 3 and {p["arm"] for p in per_image} == {"unet", "scratch", "sam_lora", "ptsam"}
+    assert len(per_image) == 8 * 3
+    assert {p["arm"] for p in per_image} == {"unet", "scratch", "sam_lora", "ptsam"}
     assert sorted(p.name for p in (run / "tb").iterdir()) == sorted(
         f"{a}_shots{s}_seed0" for a in ("unet", "scratch", "sam_lora", "ptsam") for s in (1, 2))
     _check_kept(run, dataset)
@@ -117,8 +116,8 @@ def test_3d_arms_reproduce_lsmfm_finetune(dataset, weights, tmp_path):
                  *common]) == 0
     assert main(["compare", "segment", "--out", str(tmp_path / "cmp"), "--quiet", *common,
                  _arms(_pretrained(weights), "{name: scratch, kind: scratch}")]) == 0
-    finetune = {(r["init"], r["seed"]): r for r in _rows(tmp_path / "ft")}
-    for r in _rows(tmp_path / "cmp"):
+    finetune = {(r["init"], r["seed"]): r for r in results(tmp_path / "ft")}
+    for r in results(tmp_path / "cmp"):
         twin = finetune[("pretrained" if r["arm"] == "unet" else "scratch", r["seed"])]
         for column in ("dice", "cldice", "iou", "val_dice", "best_step", "steps", "train_patches"):
             assert r[column] == twin[column], column
@@ -156,30 +155,12 @@ def test_a_2d_arm_sees_only_the_slices_of_its_training_volumes(dataset, monkeypa
     for train, slices in runs:
         assert len(slices) == 6 * 2
         for image in slices:
-            sources = {i for i, case in enumerate(volumes) if any(np.array_equal(image, s) for s in case.image)}
+            sources = {i for i, case in enumerate(volumes)
+                       if any(np.array_equal(image, s) for s in case.image)}
             assert sources and sources <= set(train), (sources, train)
     assert [len(train) for train, _ in runs] == [1, 2]
     outcome = run_compare(plan, tmp_path / "run", progress=False)
     assert [r["annotated_voxels"] for r in outcome.rows] == [32 ** 3, 2 * 32 ** 3]
-
-
-def _cli(args: list[str]) -> list[str]:
-    return [sys.executable, "-m", "lsmfm.cli.main", *args]
-
-
-def _wait_rows(run: Path, proc: subprocess.Popen, n: int, timeout: float = 300) -> int:
-    """Wait until results.csv holds at least `n` rows (the process must still be running)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if (run / "results.csv").is_file() and len(_rows(run)) >= n:
-            return len(_rows(run))
-        assert proc.poll() is None, f"the run ended (rc {proc.returncode}) before {n} rows"
-        time.sleep(0.1)
-    raise AssertionError(f"no {n} rows in {timeout} s")
-
-
-def _without_timing(rows: list[dict[str, str]]) -> list[dict[str, str]]:
-    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
 
 
 @pytest.mark.slow
@@ -189,30 +170,21 @@ def test_resume_after_kill_and_after_sigterm_reproduces_the_uninterrupted_result
             "backbone.channels=[8,16,32]", "backbone.strides=[2,2]", "backbone.out_channels=8",
             "backbone.num_res_units=1", _arms("{name: scratch, kind: scratch}", PTSAM)]
     assert main([*args, "--out", str(tmp_path / "whole"), "--quiet"]) == 0
-    whole = _rows(tmp_path / "whole")
+    whole = results(tmp_path / "whole")
     assert len(whole) == 8
     run = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(_cli([*args, "--out", str(run), "--quiet"]), env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)
-    done = _wait_rows(run, proc, 1)
-    proc.kill()
-    proc.wait()
-    assert 1 <= done < 8
-    assert subprocess.run(_cli([*args, "--out", str(run), "--quiet"]), env=env, capture_output=True,
-                          text=True).returncode == 1  # without --resume the folder is refused
-    proc = subprocess.Popen(_cli([*args, "--out", str(run), "--quiet", "--resume"]), env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    done = _wait_rows(run, proc, done + 1)
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 75, out
+    rc, out = kill_resume_sigterm_resume(args, run, 8, {**os.environ, "OMP_NUM_THREADS": "1"})
+    assert rc == 75, out
     assert "runs finished earlier, skipped" in out and "--resume to finish" in out
-    stopped = _rows(run)
-    assert done <= len(stopped) < 8
+    assert 2 <= len(results(run)) < 8
     assert main([*args, "--out", str(run), "--quiet", "--resume"]) == 0
-    assert _without_timing(_rows(run)) == _without_timing(whole)
-    assert sorted(p.name for p in (run / "tb").iterdir()) == sorted(p.name for p in (tmp_path / "whole" / "tb").iterdir())
+    assert without_timing(results(run)) == without_timing(whole)
+    assert (run / "per_image.csv").read_text() == (tmp_path / "whole" / "per_image.csv").read_text()
+    summary = [json.loads((r / "metrics.json").read_text())["summary"] for r in (run, tmp_path / "whole")]
+    assert summary[0] == summary[1]
+    names = sorted(p.name for p in (run / "tb").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "whole" / "tb").iterdir())
+    assert all(len(list(d.glob("events.out.tfevents.*"))) == 1 for d in (run / "tb").iterdir())
     assert sorted(p.relative_to(run).as_posix() for p in run.glob("*/shots*_seed*")) == sorted(
         p.relative_to(tmp_path / "whole").as_posix() for p in (tmp_path / "whole").glob("*/shots*_seed*"))
 

@@ -77,7 +77,7 @@ def finetune_curves(root: Path, weights: Path) -> dict[str, dict]:
         overrides = [*data, f"pretrained={weights}", *FINETUNE, *extra]
         cfg = load_config(finetune_config_class(task), None, overrides)
         run = root / f"ft_{task}"
-        rows = run_fewshot(plan_fewshot(task, cfg), run)
+        rows = run_fewshot(plan_fewshot(task, cfg), run).rows
         with open(run / "results.csv") as fh:
             assert len(list(csv.DictReader(fh))) == len(rows)
         out[task] = {f"{r['init']}_shots{r['shots']}_seed{r['seed']}": {

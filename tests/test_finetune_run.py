@@ -112,7 +112,7 @@ def test_deblur_from_synthetic_pairs(dataset: dict[str, Path], tmp_path: Path) -
     cfg = load_config(finetune_config_class("deblur"), None,
                       [*data_overrides(dataset), "init=scratch", "shots=[1]", "deblur.pairs=synthetic", *FAST])
     plan = plan_fewshot("deblur", cfg)
-    (row,) = run_fewshot(plan, tmp_path / "run")
+    (row,) = run_fewshot(plan, tmp_path / "run").rows
     assert set(plan.task.metrics) <= set(row) and np.isfinite(row["psnr"]) and 0 < row["ssim"] <= 1
     inputs = [plan.task.prepare(p, plan.normalize) for p in plan.splits["test"]]
     expected = np.mean([psnr(ex.input, ex.target, data_range=1.0) for ex in inputs])
@@ -225,3 +225,29 @@ def test_segment_from_catalog_entries(tmp_path: Path) -> None:
 
     pred, voxel = read_volume(run / "scratch" / "shots2_seed0" / "predictions" / "v2_pred.ome.zarr")
     assert pred.shape == (40, 40, 40) and voxel == (2.0, 1.0, 1.0)
+
+
+@pytest.mark.slow
+def test_resume_after_kill_and_after_sigterm_reproduces_the_uninterrupted_results(dataset, tmp_path):
+    """kill -9, --resume, SIGTERM (exit 75 after the current validation), --resume: the results.csv,
+    per_image.csv and kept models of an uninterrupted run; each run has one TensorBoard events file."""
+    import os
+
+    from finetune_helpers import kill_resume_sigterm_resume
+
+    args = ["finetune", "segment", *data_overrides(dataset), "init=scratch", "shots=[1,2]", "seeds=[0,1,2]",
+            "train.max_steps=6", "train.val_every=2", "train.batch_size=1", "data.patch_size=[32,32,32]",
+            "device=cpu", "keep=best", *TINY_BACKBONE]
+    whole = tmp_path / "whole"
+    assert main([*args, "--out", str(whole), "--quiet"]) == 0
+    run = tmp_path / "run"
+    rc, out = kill_resume_sigterm_resume(args, run, 6, {**os.environ, "OMP_NUM_THREADS": "1"})
+    assert rc == 75 and "runs finished earlier, skipped" in out and "--resume to finish" in out, out
+    assert 2 <= len(_rows(run)) < 6
+    assert main([*args, "--out", str(run), "--quiet", "--resume"]) == 0
+    assert _rows(run) == _rows(whole)
+    assert (run / "per_image.csv").read_text() == (whole / "per_image.csv").read_text()
+    kept = sorted(p.relative_to(run).as_posix() for p in run.glob("*/shots*_seed*"))
+    assert kept == sorted(p.relative_to(whole).as_posix() for p in whole.glob("*/shots*_seed*"))
+    assert all(len(list(d.glob("events.out.tfevents.*"))) == 1 for d in (run / "tb").iterdir())
+    assert len(list((run / "tb").iterdir())) == 6

@@ -32,7 +32,7 @@ from lsmfm.compare.report import LAYOUT
 from lsmfm.device import PeakMemory, resolve_device
 from lsmfm.io.lock import output_lock
 from lsmfm.tasks.base import FinetuneTask
-from lsmfm.tasks.protocol import RunFolder, StopRequest, check_run_dir, restore_kept
+from lsmfm.tasks.protocol import Outcome, RunFolder, StopRequest, check_run_dir, restore_kept
 
 
 def command(task: str) -> str:
@@ -52,15 +52,6 @@ class ComparePlan:
 
     def key(self, shots: int, seed: int, arm: Arm) -> tuple[str, str, int, int]:
         return (arm.name, arm.dims, shots, seed)
-
-
-@dataclass
-class Outcome:
-    """The finished rows (plan order), how many were resumed, and whether a signal stopped the run."""
-
-    rows: list[dict[str, Any]]
-    resumed: int
-    stopped: bool
 
 
 def plan_compare(task_name: str, cfg: CompareConfig) -> ComparePlan:

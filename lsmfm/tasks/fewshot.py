@@ -14,26 +14,24 @@ the training set, patch size against the data) before anything is written. `run_
                                       per (shots, init); keep=all: every run)
 
 results.csv, metrics.json and per_image.csv are rewritten (atomically) after every run, so an interrupted
-protocol leaves the finished runs readable.
+protocol leaves the finished runs readable; `--resume` continues it and SIGTERM/SIGUSR1 stop it after the
+current validation (`lsmfm.tasks.protocol`).
 """
 from __future__ import annotations
 
 import copy
-import csv
 import dataclasses
-import io
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from lsmfm.config import save_config
 from lsmfm.data.normalize import NormalizeConfig
 from lsmfm.device import resolve_device
-from lsmfm.errors import ConfigError, InputError
+from lsmfm.errors import ConfigError
 from lsmfm.io.atomic import atomic_dir, atomic_write_text
 from lsmfm.io.lock import output_lock
 from lsmfm.models.backbones.registry import BackboneConfig, build_backbone
@@ -41,9 +39,9 @@ from lsmfm.tasks.base import Example, FinetuneTask, Geometry, Scores
 from lsmfm.tasks.config import FinetuneConfig
 from lsmfm.tasks.data import Patch, check_channels, check_fits, check_training_images
 from lsmfm.tasks.registry import task_class
-from lsmfm.tasks.results import FINETUNE, Layout
+from lsmfm.tasks.protocol import Outcome, RunFolder, StopRequest, check_run_dir, restore_kept
+from lsmfm.tasks.results import FINETUNE, Layout, plot_metrics
 
-RUN_MARKERS = ("config.yaml", "results.csv")  # what every finetune run folder holds after its first run
 
 
 def build_task(task: str, cfg: FinetuneConfig) -> FinetuneTask:
@@ -133,67 +131,69 @@ def finetuned_model_config(recorded: Any, backbone_cfg: BackboneConfig, roi: tup
                        normalize=normalize)
 
 
-def check_run_dir(out_dir: Path, overwrite: bool = False) -> None:
-    """RUN_DIR must be new (or empty): results of two protocols never mix. With `overwrite`, an earlier
-    finetune run folder (config.yaml + results.csv) may be replaced, never any other folder."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise InputError(out_dir, "is an existing file, not a run folder; choose a new --out")
-    if not out_dir.is_dir() or not any(out_dir.iterdir()):
-        return
-    if not overwrite:
-        raise InputError(out_dir, "run folder already exists and is not empty; choose a new --out or pass "
-                                  "--overwrite")
-    if not all((out_dir / name).is_file() for name in RUN_MARKERS):
-        raise InputError(out_dir, f"is not an lsmfm finetune run folder (no {' and '.join(RUN_MARKERS)}); "
-                                  "--overwrite replaces only those")
+def command(task: str) -> str:
+    """The command that made a finetune run folder (its `.lsmfm-protocol` marker)."""
+    return f"lsmfm finetune {task}"
 
 
-def run_fewshot(plan: Plan, out_dir: str | Path, progress: bool = True, overwrite: bool = False
-                ) -> list[dict[str, Any]]:
-    """Train and score every (shots, seed, init) of `plan`; returns the results.csv rows. `overwrite`
-    first removes an earlier finetune run in `out_dir` (see `check_run_dir`). RUN_DIR's lock
-    (`lsmfm.io.lock`) is held throughout: a second run into the same folder is refused."""
+def run_fewshot(plan: Plan, out_dir: str | Path, progress: bool = True, overwrite: bool = False,
+                resume: bool = False) -> Outcome:
+    """Train and score every (shots, seed, init) of `plan`; returns the finished rows (results.csv).
+    `overwrite` first removes an earlier finetune run in `out_dir`, `resume` continues it (see
+    `lsmfm.tasks.protocol`). RUN_DIR's lock (`lsmfm.io.lock`) is held throughout: a second run into the
+    same folder is refused."""
     out_dir = Path(out_dir)
     with output_lock(out_dir, "lsmfm finetune"):
-        check_run_dir(out_dir, overwrite)
+        name = command(plan.task.name)
+        check_run_dir(out_dir, name, overwrite, resume)
         if overwrite and out_dir.is_dir():
             shutil.rmtree(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        return _run_all(plan, out_dir, progress)
+        folder = RunFolder(out_dir, name, FINETUNE, plan.task.metrics, plan.runs)
+        resumed = folder.start(plan.cfg, resume)
+        if resume:
+            print(f"resuming {out_dir}: {len(resumed)} of {len(plan.runs)} runs finished earlier, skipped",
+                  flush=True)
+        kept = restore_kept(folder, out_dir, plan.cfg.keep, f"val_{plan.task.val_metric}")
+        stopped = _run_all(plan, folder, out_dir, kept, progress)
+        rows = folder.ordered_rows()
+        if rows:
+            plot_metrics(out_dir, rows, plan.task.metrics, title=f"{plan.task.name}: pretrained vs scratch")
+            refresh_cards(out_dir, rows, plan.task.metrics)
+        return Outcome(rows, len(resumed), stopped)
 
 
-def _run_all(plan: Plan, out_dir: Path, progress: bool) -> list[dict[str, Any]]:
+def _run_all(plan: Plan, folder: RunFolder, out_dir: Path, kept: dict[tuple, dict[str, Any]],
+             progress: bool) -> bool:
+    """Run what is not finished; True when a signal stopped the protocol."""
     from lsmfm.progress import progress_bar
-    from lsmfm.tasks.results import plot_metrics
 
-    save_config(plan.cfg, out_dir / "config.yaml")
     examples = {name: [plan.task.prepare(p, plan.normalize) for p in patches]
                 for name, patches in plan.splits.items()}
-    rows: list[dict[str, Any]] = []
-    per_image: list[dict[str, Any]] = []
-    kept: dict[tuple[int, str], dict[str, Any]] = {}
-    runs = progress_bar(plan.runs, desc=f"finetune {plan.task.name}", unit="run", enabled=progress)
-    for shots, seed, init in runs:
-        name = f"{init}_shots{shots}_seed{seed}"
-        train = [examples["train"][i] for i in plan.subsets[(shots, seed)]]
-        model, result = _train_one(plan, init, seed, train, examples["val"], out_dir / "tb" / name, name,
-                                   progress)
-        scores = plan.task.score(model, examples["test"], plan.geometry.window, plan.geometry.overlap)
-        row = {"shots": shots, "seed": seed, "init": init, **scores.metrics,
-               f"val_{plan.task.val_metric}": result.val_score, "best_step": result.best_step,
-               "steps": result.steps, "train_patches": " ".join(ex.patch.stem for ex in train)}
-        rows.append(row)
-        per_image += [{"shots": shots, "seed": seed, "init": init, **r} for r in scores.per_image]
-        _keep(plan, out_dir, kept, row, model, scores, examples["test"])
-        _write_tables(out_dir, rows, per_image, plan.task.metrics)
-    plot_metrics(out_dir, rows, plan.task.metrics, title=f"{plan.task.name}: pretrained vs scratch")
-    refresh_cards(out_dir, rows, plan.task.metrics)
-    return rows
+    todo = [r for r in plan.runs if not folder.done(r)]
+    with StopRequest() as stop:
+        for shots, seed, init in progress_bar(todo, desc=f"finetune {plan.task.name}", unit="run",
+                                              enabled=progress):
+            if stop():
+                return True
+            name = f"{init}_shots{shots}_seed{seed}"
+            folder.discard(out_dir / "tb" / name)
+            train = [examples["train"][i] for i in plan.subsets[(shots, seed)]]
+            model, result = _train_one(plan, init, seed, train, examples["val"], out_dir / "tb" / name, name,
+                                       progress, stop)
+            if result.interrupted:
+                folder.discard(out_dir / "tb" / name)
+                return True
+            scores = plan.task.score(model, examples["test"], plan.geometry.window, plan.geometry.overlap)
+            row = {"shots": shots, "seed": seed, "init": init, **scores.metrics,
+                   f"val_{plan.task.val_metric}": result.val_score, "best_step": result.best_step,
+                   "steps": result.steps, "train_patches": " ".join(ex.patch.stem for ex in train)}
+            _keep(plan, out_dir, kept, row, model, scores, examples["test"])
+            folder.record(row, scores.per_image)
+    return False
 
 
 def _train_one(plan: Plan, init: str, seed: int, train: list[Example], val: list[Example], log_dir: Path,
-               desc: str, progress: bool = True):
+               desc: str, progress: bool = True, stop: Callable[[], bool] | None = None):
     from lsmfm.tasks.models import build_task_model
     from lsmfm.tasks.train import train_run
 
@@ -206,14 +206,14 @@ def _train_one(plan: Plan, init: str, seed: int, train: list[Example], val: list
     model = build_task_model(plan.task.name, backbone, plan.task.head_config()).to(plan.device)
     plan.task.begin_run(train)
     result = train_run(model, plan.task, train, val, plan.cfg.train, plan.geometry, seed, log_dir=log_dir,
-                       desc=desc, progress=progress)
+                       desc=desc, progress=progress, stop=stop)
     return model, result
 
 
-def _keep(plan: Plan, out_dir: Path, kept: dict[tuple[int, str], dict[str, Any]], row: dict[str, Any],
+def _keep(plan: Plan, out_dir: Path, kept: dict[tuple, dict[str, Any]], row: dict[str, Any],
           model: nn.Module, scores: Scores, test: list[Example]) -> None:
     """Save the run's model and test predictions if keep=all, or if it is the best-validated seed so far."""
-    key = (int(row["shots"]), str(row["init"]))
+    key = (str(row["init"]), int(row["shots"]))
     score = row[f"val_{plan.task.val_metric}"]
     previous = kept.get(key)
     if plan.cfg.keep == "best" and previous is not None and not score > previous["score"]:
@@ -259,16 +259,3 @@ def refresh_cards(out_dir: Path, rows: list[dict[str, Any]], metrics: tuple[str,
     for folder in sorted(out_dir.glob("*/shots*_seed*/model")):
         config, state = read_model_dir(folder)
         atomic_write_text(folder / CARD_NAME, task_model_card(config, state, results_table=table))
-
-
-def _write_tables(out_dir: Path, rows: list[dict[str, Any]], per_image: list[dict[str, Any]],
-                  metrics: tuple[str, ...]) -> None:
-    from lsmfm.tasks.results import write_results
-
-    write_results(out_dir, rows, list(metrics))
-    buf = io.StringIO()
-    columns = list(dict.fromkeys(k for r in per_image for k in r))
-    writer = csv.DictWriter(buf, fieldnames=columns)
-    writer.writeheader()
-    writer.writerows(per_image)
-    atomic_write_text(out_dir / "per_image.csv", buf.getvalue())

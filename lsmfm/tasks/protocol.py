@@ -18,6 +18,7 @@ import io
 import json
 import shutil
 import signal
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Hashable, Iterable, Sequence
 
@@ -60,6 +61,16 @@ class StopRequest:
     def __exit__(self, *exc: Any) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+@dataclass
+class Outcome:
+    """The finished rows (plan order), how many were finished before a resume, and whether a signal
+    stopped the protocol."""
+
+    rows: list[dict[str, Any]]
+    resumed: int
+    stopped: bool
 
 
 def is_run_folder(out_dir: Path, command: str) -> bool:
