@@ -14,7 +14,6 @@ from lsmfm.baselines2d.data import (
     load_splits,
     natural_sorted,
     tile_case,
-    training_slices,
 )
 from lsmfm.baselines2d.domains import dataset_samples, linear_probe_accuracy, pca_2d
 from lsmfm.baselines2d.evaluate import score_case
@@ -76,6 +75,40 @@ def test_bad_inputs_name_the_file(tmp_path):
         find_pairs(tmp_path / "empty", Data2DConfig())
 
 
+def test_nan_images_constant_images_and_empty_labels_are_refused_with_the_files(tmp_path):
+    from lsmfm.baselines2d.config import Baseline2DConfig
+    from lsmfm.baselines2d.train import run_baseline
+    from lsmfm.config import load_config
+
+    image, label = squares()
+    nan = image.astype(np.float32)
+    nan[3, 4] = nan[5, 6] = np.nan
+    tifffile.imwrite(tmp_path / "a.tif", nan)
+    tifffile.imwrite(tmp_path / "a_label.tif", label)
+    with pytest.raises(InputError, match=r"a.tif: 2 NaN/Inf pixel\(s\) in the image"):
+        load_case(tmp_path / "a.tif", tmp_path / "a_label.tif", NormalizeConfig())
+    tiny = ["model.weights=", "model.size=tiny", "shots=[1]", "seeds=[0]", "train.max_steps=1",
+            "train.device=cpu"]
+    for name, (img, lab) in {"flat": (np.full((32, 32), 7, np.uint8), label),
+                             "empty": (image, np.zeros_like(label))}.items():
+        folder = tmp_path / name
+        folder.mkdir()
+        for i in range(3):
+            tifffile.imwrite(folder / f"i{i}.tif", img if i < 2 else image)
+            tifffile.imwrite(folder / f"i{i}_label.tif", lab if i < 2 else label)
+        cfg = load_config(Baseline2DConfig, None,
+                          [f"data.train_dir={folder}", "data.test_fraction=0.3", *tiny])
+        match = "2 training image\\(s\\) are constant: i0, i1" if name == "flat" else \
+            "every training label is empty \\(i0, i1\\)"
+        with pytest.raises(InputError, match=match):
+            run_baseline(cfg, tmp_path / f"run_{name}", progress=False)
+        assert not (tmp_path / f"run_{name}").exists()
+    cfg = load_config(Baseline2DConfig, None, [f"data.train_dir={tmp_path / 'empty'}",
+                                               "data.test_fraction=0.3", "segment.allow_empty=true", *tiny])
+    (row,) = run_baseline(cfg, tmp_path / "run_allowed", progress=False).rows
+    assert row["val_dice"] is None and row["steps"] == 1  # no val_dir: no validation, the last weights
+
+
 def test_volumes_are_cases_of_slices_and_split_keeps_the_last_fraction_for_test(tmp_path):
     vol = np.random.default_rng(0).random((5, 16, 16)).astype(np.float32)
     for name in ("v1", "v2", "v3", "v4"):
@@ -90,7 +123,7 @@ def test_volumes_are_cases_of_slices_and_split_keeps_the_last_fraction_for_test(
     assert [c.name for c in splits.train] == ["v1", "v2", "v3"] and [c.name for c in splits.test] == ["v4"]
     assert splits.test[0].is_3d and splits.test[0].image.shape == (5, 16, 16)
     assert 0.0 <= splits.train[0].image.min() and splits.train[0].image.max() <= 1.0
-    assert len(training_slices(splits.train)) == 15
+    assert [len(c.foreground_slices) for c in splits.train] == [5, 5, 5]
 
 
 def test_one_image_needs_tiles_to_be_split(tmp_path):

@@ -22,13 +22,18 @@ COLUMNS = [
     "cldice",
     "iou",
     "seg_accuracy",
+    "val_dice",
+    "best_step",
     "model",
     "method",
     "trainable_params",
     "total_params",
+    "annotated_pixels",
     "peak_memory_mb",
     "sec_per_iter",
+    "train_seconds",
     "steps",
+    "train_cases",
 ]
 TINY = [
     "model.weights=",
@@ -96,16 +101,17 @@ def test_few_shot_run_on_real_2d_data(shared_data, tmp_path, capsys, config, dat
 
 
 def test_volumes_are_predicted_slice_by_slice_and_stacked_back_to_3d(shared_data, tmp_path):
-    """3D instance-labelled volumes: shots are Z slices; the test volume is scored in 3D."""
+    """3D instance-labelled volumes: a shot is a volume (its Z slices train); the test volume is scored in 3D."""
     from lsmfm.baselines2d.config import Baseline2DConfig
     from lsmfm.baselines2d.train import run_baseline
     from lsmfm.config import load_config
 
     cfg = load_config(Baseline2DConfig, REPO / "finetune" / "baseline2d_sam_lora.yaml",
-                      [f"data.train_dir={shared_data}/confocal_nuclei_instances", "shots=[3]", *TINY])
-    rows = run_baseline(cfg, tmp_path / "run", progress=False)
+                      [f"data.train_dir={shared_data}/confocal_nuclei_instances", "shots=[2]", *TINY])
+    rows = run_baseline(cfg, tmp_path / "run", progress=False).rows
     assert len(rows) == 1 and 0.0 <= rows[0]["seg_accuracy"] <= 1.0
-    pred = tifffile.imread(tmp_path / "run" / "predictions" / "shots3_seed0" / "1137_mini.tif")
+    assert rows[0]["annotated_pixels"] == 2 * 100 ** 3 and rows[0]["train_cases"] == "1135_mini 1136_mini"
+    pred = tifffile.imread(tmp_path / "run" / "predictions" / "shots2_seed0" / "1137_mini.tif")
     assert pred.shape == (100, 100, 100)
 
 
@@ -122,7 +128,7 @@ def test_adapted_model_reloads_and_predicts_the_same(shared_data, tmp_path):
     run_cli("sam_lora", "em", shared_data, out, "peft.rank=4", "train.lr=0.01")
     model, cfg = load_adapted(out / "adapted")
     case = load_splits(cfg.data).test[0]
-    pred = predict_case(model, case, torch.device("cpu"), 1, cfg.train.threshold)[0]
+    pred = predict_case(model, case, torch.device("cpu"), 1, cfg.segment.threshold)[0]
     saved = tifffile.imread(out / "predictions" / "shots2_seed0" / f"{case.name}.tif") > 0
     assert np.array_equal(pred, saved)
     with pytest.raises(InputError, match="already exists"):
@@ -163,3 +169,28 @@ def test_domain_analysis_before_and_after_adaptation(shared_data, tmp_path, caps
     report = json.loads((tmp_path / "d3" / "domains.json").read_text())
     assert report["results"]["before"]["feature_dim"] == 16
     assert "separability" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_resume_after_kill_and_after_sigterm_reproduces_the_uninterrupted_results(shared_data, tmp_path):
+    """The 2D baselines share the protocol's run folder: kill -9, --resume, SIGTERM (exit 75), --resume
+    give the uninterrupted results.csv (timing columns aside), per_image.csv and predictions."""
+    import os
+
+    from finetune_helpers import kill_resume_sigterm_resume, results, without_timing
+
+    args = ["baseline2d", "--config", str(REPO / "finetune" / "baseline2d_ptsam.yaml"),
+            *[o.format(root=shared_data) for o in DATASETS["em"]], *TINY, "seeds=[0,1]",
+            "train.max_steps=3"]
+    whole = tmp_path / "whole"
+    assert main([*args, "--out", str(whole), "--quiet"]) == 0
+    run = tmp_path / "run"
+    rc, out = kill_resume_sigterm_resume(args, run, 4, {**os.environ, "OMP_NUM_THREADS": "1"})
+    assert rc == 75 and "runs finished earlier, skipped" in out, out
+    assert main([*args, "--out", str(run), "--quiet", "--resume"]) == 0
+    assert without_timing(results(run)) == without_timing(results(whole))
+    assert (run / "per_image.csv").read_text() == (whole / "per_image.csv").read_text()
+    for pred in (whole / "predictions").rglob("*.tif"):
+        assert np.array_equal(tifffile.imread(pred), tifffile.imread(run / pred.relative_to(whole)))
+    assert sorted(p.name for p in (run / "predictions").iterdir()) == [
+        f"shots{k}_seed{s}" for k in (1, 2) for s in (0, 1)]

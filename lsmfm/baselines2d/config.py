@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from lsmfm.data.normalize import NormalizeConfig
+from lsmfm.tasks.config import TrainConfig
+from lsmfm.tasks.segment import SegmentConfig
 
 ModelName = Literal["sam", "dinov2", "dinov3", "clip"]
 ModelSize = Literal["tiny", "vit_b", "vit_l", "vit_h"]
@@ -127,14 +129,15 @@ class Data2DConfig:
 
 @dataclass
 class Train2DConfig:
-    """One training run (a single shots/seed).
+    """One training run (a single shots/seed), in the one training loop of `lsmfm finetune`
+    (`lsmfm.tasks.train`).
 
     Args:
         max_steps, batch_size, lr, weight_decay: AdamW on the trainable parameters only.
         val_every, patience: with `data.val_dir`, validate every `val_every` steps, keep the best weights and
-            stop after `patience` validations without improvement (0: never stop early).
+            stop after `patience` validations without improvement (0: never stop early); without it the
+            last weights are kept.
         flips: random flips and 90-degree rotations of the training images.
-        threshold: probability above which a pixel is foreground.
         device: "auto" (CUDA when available), "cpu" or "cuda".
     """
 
@@ -145,7 +148,6 @@ class Train2DConfig:
     val_every: int = 25
     patience: int = 5
     flips: bool = True
-    threshold: float = 0.5
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
     def __post_init__(self) -> None:
@@ -153,8 +155,12 @@ class Train2DConfig:
             raise ValueError("train.max_steps, train.batch_size and train.val_every must be >= 1")
         if self.lr <= 0 or self.weight_decay < 0 or self.patience < 0:
             raise ValueError("train.lr must be > 0, train.weight_decay and train.patience >= 0")
-        if not 0.0 < self.threshold < 1.0:
-            raise ValueError(f"train.threshold must be in (0, 1), got {self.threshold}")
+
+    def loop(self) -> TrainConfig:
+        """The settings of the shared training loop (no encoder phases: the PEFT method decides)."""
+        return TrainConfig(mode="full", max_steps=self.max_steps, lr=self.lr, head_steps=0,
+                           batch_size=self.batch_size, weight_decay=self.weight_decay, patience=self.patience,
+                           val_every=self.val_every, flips=self.flips)
 
 
 @dataclass
@@ -162,6 +168,8 @@ class Baseline2DConfig:
     """Everything one `lsmfm baseline2d` run needs; saved as RUN_DIR/config.yaml.
 
     Args:
+        segment: the loss and threshold of `lsmfm finetune segment` (Dice + BCE or focal + soft-clDice,
+            the 2D soft skeleton; foreground is label > 0).
         save_predictions: write each run's test predictions (uint8 TIFF masks) under RUN_DIR/predictions.
     """
 
@@ -171,6 +179,7 @@ class Baseline2DConfig:
     shots: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     train: Train2DConfig = field(default_factory=Train2DConfig)
+    segment: SegmentConfig = field(default_factory=SegmentConfig)
     save_predictions: bool = True
 
     def __post_init__(self) -> None:

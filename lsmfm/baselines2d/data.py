@@ -1,7 +1,8 @@
 """Labelled 2D images (or 3D volumes used slice by slice) for the 2D baselines.
 
-A `Case` is one scoring unit: a 2D image (Z = 1) or a 3D volume whose slice predictions are stacked back
-to 3D. Training draws single 2D slices ("shots") from the training cases. Images are normalised by
+A `Case` is one scoring unit and one shot: a 2D image (Z = 1) or a 3D volume whose slice predictions are
+stacked back to 3D. Training draws single 2D slices from the shots' cases (`lsmfm.baselines2d.task`).
+Images are normalised by
 percentiles per image or volume, as in pretraining; labels keep their instance ids (0 = background),
 so Dice binarises them and the instance accuracy can match objects.
 
@@ -141,6 +142,11 @@ def natural_sorted(paths: Iterable[Path]) -> list[Path]:
 def load_case(image_path: Path, label_path: Path, normalize: NormalizeConfig) -> Case:
     """Read, validate and normalise one pair."""
     image, label = read_array(image_path), read_array(label_path)
+    if np.issubdtype(image.dtype, np.floating):
+        bad = int(np.count_nonzero(~np.isfinite(image)))
+        if bad:
+            raise InputError(image_path, f"{bad} NaN/Inf pixel(s) in the image; replace them (e.g. by the "
+                                         "background value) before training: they would make every loss NaN")
     if image.shape != label.shape:
         raise InputError(
             label_path, f"label shape {label.shape} differs from image shape {image.shape} of {image_path}"
@@ -206,8 +212,3 @@ def load_splits(cfg: Data2DConfig) -> Splits:
             )
         train, test = train[:-n_test], train[-n_test:]
     return Splits(train, val, test)
-
-
-def training_slices(cases: list[Case]) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Every 2D slice of the training cases as (image (H, W), label (H, W)): the pool shots are drawn from."""
-    return [(c.image[z], c.label[z]) for c in cases for z in range(c.image.shape[0])]

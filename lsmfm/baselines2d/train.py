@@ -1,201 +1,141 @@
 """The few-shot protocol of `lsmfm baseline2d`: for each (shots, seed), adapt a fresh copy of the model on
-`shots` training slices chosen by the seed (lsmfm.tasks.results.fewshot_subset, as `lsmfm finetune`),
-score it on the test cases, and record trainable parameters, peak memory and time per iteration.
+`shots` training cases (2D images or whole volumes, chosen by the seed with
+`lsmfm.tasks.results.fewshot_subset`, as `lsmfm finetune` chooses volumes) through the one training loop
+(`lsmfm.tasks.train`, with the slice task of `lsmfm.baselines2d.task`), score it on the test cases, and
+record trainable parameters, annotated pixels, peak memory and time.
+
+RUN_DIR is a protocol run folder (`lsmfm.tasks.protocol`): config.yaml, results.csv, metrics.json,
+per_image.csv and the plots rewritten after every run, tb/shots<k>_seed<s>/ (TensorBoard),
+predictions/shots<k>_seed<s>/ and adapted/ (the largest-shots, first-seed run); `--resume` continues an
+interrupted protocol and SIGTERM/SIGUSR1 stop it after the current validation.
 """
 
 from __future__ import annotations
 
 import copy
-import resource
-import sys
-import time
-from dataclasses import dataclass
+import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from lsmfm.baselines2d.build import build_model, count_parameters, prepare, save_adapted, trainable_state
-from lsmfm.baselines2d.config import Baseline2DConfig, Train2DConfig
-from lsmfm.baselines2d.data import Case, load_splits, training_slices
-from lsmfm.baselines2d.evaluate import METRICS, evaluate
-from lsmfm.baselines2d.models.base import Segmenter2D
-from lsmfm.config import save_config
-from lsmfm.device import resolve_device
+from lsmfm.baselines2d.build import build_model, count_parameters, prepare, save_adapted
+from lsmfm.baselines2d.config import Baseline2DConfig
+from lsmfm.baselines2d.data import Case, load_splits
+from lsmfm.baselines2d.evaluate import METRICS, write_mask
+from lsmfm.baselines2d.task import SliceModel, SliceTask
+from lsmfm.device import PeakMemory, resolve_device
 from lsmfm.errors import InputError
 from lsmfm.io.atomic import atomic_dir
+from lsmfm.io.lock import output_lock
 from lsmfm.progress import progress_bar
-from lsmfm.tasks.results import fewshot_subset, format_table, plot_metrics, write_results
+from lsmfm.tasks.base import Geometry, Scores
+from lsmfm.tasks.protocol import Outcome, RunFolder, StopRequest, check_run_dir
+from lsmfm.tasks.results import FINETUNE, fewshot_subset, plot_metrics
+from lsmfm.tasks.train import train_run
 
-Slice = tuple[np.ndarray, np.ndarray]
-
-
-@dataclass
-class RunStats:
-    steps: int
-    sec_per_iter: float
+COMMAND = "lsmfm baseline2d"
+NO_CROPS = Geometry((1, 1, 1), (1, 1, 1), 0.0)  # the slice task trains on whole slices
 
 
-
-class PeakMemory:
-    """Peak memory since `reset()`: CUDA max allocated, or the process's peak RSS (VmHWM, reset on Linux)."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-
-    def reset(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-            return
-        try:
-            Path("/proc/self/clear_refs").write_text("5")
-        except OSError:
-            pass
-
-    def peak_mb(self) -> float:
-        if self.device.type == "cuda":
-            return torch.cuda.max_memory_allocated(self.device) / 2**20
-        try:
-            for line in Path("/proc/self/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-        except OSError:
-            pass
-        scale = 2**20 if sys.platform == "darwin" else 2**10
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
+def check_training_cases(cases: list[Case], allow_empty: bool, source: str) -> None:
+    """Constant training images, and training labels that are all empty, are refused with the files'
+    names (empty labels: unless `segment.allow_empty`)."""
+    constant = [c.name for c in cases if float(c.image.max()) == float(c.image.min())]
+    if constant:
+        raise InputError(source, f"{len(constant)} training image(s) are constant: "
+                                 f"{', '.join(constant[:8])}; remove them from the training set")
+    if not allow_empty and not any(c.label.any() for c in cases):
+        raise InputError(source, f"every training label is empty ({', '.join(c.name for c in cases[:8])}): "
+                                 "nothing to segment; add annotated images, or set segment.allow_empty=true")
 
 
-def segmentation_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """BCE + soft Dice on the foreground."""
-    prob = torch.sigmoid(logits)
-    inter = (prob * target).sum()
-    dice = 1 - (2 * inter + 1) / (prob.sum() + target.sum() + 1)
-    return F.binary_cross_entropy_with_logits(logits, target) + dice
-
-
-def augment(image: np.ndarray, label: np.ndarray, rng: np.random.Generator) -> Slice:
-    """Random flips and, for square slices, 90-degree rotations."""
-    if rng.random() < 0.5:
-        image, label = image[:, ::-1], label[:, ::-1]
-    if rng.random() < 0.5:
-        image, label = image[::-1], label[::-1]
-    if image.shape[0] == image.shape[1]:
-        k = int(rng.integers(4))
-        image, label = np.rot90(image, k), np.rot90(label, k)
-    return image, label
-
-
-def batch_loss(model: Segmenter2D, batch: list[Slice], device: torch.device) -> torch.Tensor:
-    """Loss at the slices' own resolution; slices of different sizes go through the model one by one."""
-    groups: dict[tuple[int, ...], list[Slice]] = {}
-    for item in batch:
-        groups.setdefault(item[0].shape, []).append(item)
-    total = 0.0
-    for items in groups.values():
-        x = torch.from_numpy(np.stack([np.ascontiguousarray(i) for i, _ in items])[:, None]).to(device)
-        y = torch.from_numpy(np.stack([(lab > 0) for _, lab in items])[:, None].astype(np.float32)).to(device)
-        total = total + segmentation_loss(model.logits(x), y) * len(items)
-    return total / len(batch)
-
-
-def train_run(
-    model: Segmenter2D,
-    pool: list[Slice],
-    val: list[Case],
-    cfg: Train2DConfig,
-    device: torch.device,
-    seed: int,
-    progress: bool = True,
-) -> RunStats:
-    """AdamW on the trainable parameters; with validation cases, keep the best weights and stop early.
-
-    Time per iteration is the mean over steps after the first (which pays for lazy initialisation).
-    """
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    rng = np.random.default_rng(seed)
-    best, best_state, bad, times, step = -1.0, None, 0, [], 0
-    bar = progress_bar(range(cfg.max_steps), desc="train", leave=False, enabled=progress)
-    for step in bar:
-        model.train()
-        t0 = time.perf_counter()
-        batch = [pool[i] for i in rng.integers(len(pool), size=cfg.batch_size)]
-        if cfg.flips:
-            batch = [augment(i, lab, rng) for i, lab in batch]
-        loss = batch_loss(model, batch, device)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - t0)
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-        if val and (step + 1) % cfg.val_every == 0:
-            score = evaluate(model, val, device, cfg.batch_size, cfg.threshold)["dice"]
-            if score > best:
-                best, best_state, bad = score, trainable_state(model), 0
-            else:
-                bad += 1
-                if cfg.patience and bad >= cfg.patience:
-                    break
-    if best_state is not None:
-        model.load_state_dict(best_state, strict=False)
-    timed = times[1:] or times
-    return RunStats(step + 1, float(np.mean(timed)))
-
-
-def run_baseline(
-    cfg: Baseline2DConfig, out_dir: str | Path, overwrite: bool = False, progress: bool = True
-) -> list[dict[str, Any]]:
-    """All (shots, seed) runs; RUN_DIR gets config.yaml, results.csv, metrics.json, plots, predictions/
-    and adapted/ (the trainable weights of the largest-shots, first-seed run). RUN_DIR appears only
-    when everything succeeded."""
-    if Path(out_dir).exists() and not overwrite:
-        raise InputError(out_dir, "already exists; choose another --out or pass --overwrite")
+def run_baseline(cfg: Baseline2DConfig, out_dir: str | Path, overwrite: bool = False, progress: bool = True,
+                 resume: bool = False) -> Outcome:
+    """All (shots, seed) runs into `out_dir` (its lock held throughout); returns the finished rows."""
+    out_dir = Path(out_dir)
+    check_run_dir(out_dir, COMMAND, overwrite, resume)
     splits = load_splits(cfg.data)
-    pool = training_slices(splits.train)
-    source = f"{cfg.data.train_dir} (training slices)"
-    fewshot_subset(len(pool), max(cfg.shots), cfg.seeds[0], source)
+    source = f"{cfg.data.train_dir} (training cases)"
+    check_training_cases(splits.train, cfg.segment.allow_empty, source)
+    subsets = {(k, s): fewshot_subset(len(splits.train), k, s, source) for k in cfg.shots for s in cfg.seeds}
     device = resolve_device(cfg.train.device)
     base = build_model(cfg.model)
+    task = SliceTask(cfg.segment, METRICS, batch_size=cfg.train.batch_size)
+    runs = [(k, s, cfg.init) for k in cfg.shots for s in cfg.seeds]
+    with output_lock(out_dir, COMMAND):
+        check_run_dir(out_dir, COMMAND, overwrite, resume)
+        if overwrite and out_dir.is_dir():
+            shutil.rmtree(out_dir)
+        folder = RunFolder(out_dir, COMMAND, FINETUNE, METRICS, runs)
+        resumed = folder.start(cfg, resume)
+        if resume:
+            print(f"resuming {out_dir}: {len(resumed)} of {len(runs)} runs finished earlier, skipped",
+                  flush=True)
+        _discard_unfinished(folder, out_dir, cfg)
+        with StopRequest() as stop:
+            stopped = False
+            for shots, seed, init in progress_bar([r for r in runs if not folder.done(r)],
+                                                  desc=f"{cfg.model.name}+{cfg.peft.method}", unit="run",
+                                                  enabled=progress):
+                if stop():
+                    stopped = True
+                    break
+                row, scores = _run_one(cfg, base, task, splits, subsets[(shots, seed)], shots, seed, device,
+                                       out_dir, progress, stop)
+                if row is None:
+                    stopped = True
+                    break
+                folder.record(row, scores.per_image)
+        rows = folder.ordered_rows()
+        if rows:
+            plot_metrics(out_dir, rows, METRICS, title=f"{cfg.model.name} + {cfg.peft.method}")
+        return Outcome(rows, len(resumed), stopped)
+
+
+def _run_one(cfg: Baseline2DConfig, base: Any, task: SliceTask, splits: Any, train: list[int], shots: int,
+             seed: int, device: torch.device, out_dir: Path, progress: bool, stop: Any
+             ) -> tuple[dict[str, Any] | None, Scores]:
+    """Train and score one (shots, seed); (None, ...) when a signal interrupted it."""
+    name = f"shots{shots}_seed{seed}"
     memory = PeakMemory(device)
-    rows = []
-    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        save_config(cfg, tmp / "config.yaml")
-        runs = [(s, seed) for s in cfg.shots for seed in cfg.seeds]
-        for shots, seed in progress_bar(runs, desc=f"{cfg.model.name}+{cfg.peft.method}", unit="run",
-                                        enabled=progress):
-            subset = [pool[i] for i in fewshot_subset(len(pool), shots, seed, source)]
-            torch.manual_seed(seed)
-            memory.reset()
-            model = prepare(copy.deepcopy(base).to(device), cfg.peft).to(device)
-            stats = train_run(model, subset, splits.val, cfg.train, device, seed, progress)
-            pred_dir = tmp / "predictions" / f"shots{shots}_seed{seed}" if cfg.save_predictions else None
-            scores = evaluate(model, splits.test, device, cfg.train.batch_size, cfg.train.threshold, pred_dir)
-            peak = memory.peak_mb()
-            trainable, total = count_parameters(model)
-            rows.append(
-                {
-                    "shots": shots,
-                    "seed": seed,
-                    "init": cfg.init,
-                    **scores,
-                    "model": cfg.model.name,
-                    "method": cfg.peft.method,
-                    "trainable_params": trainable,
-                    "total_params": total,
-                    "peak_memory_mb": round(peak, 1),
-                    "sec_per_iter": round(stats.sec_per_iter, 4),
-                    "steps": stats.steps,
-                }
-            )
-            if (shots, seed) == (max(cfg.shots), cfg.seeds[0]):
-                save_adapted(model, cfg, tmp / "adapted")
-            del model
-        write_results(tmp, rows, METRICS)
-        plot_metrics(tmp, rows, METRICS, title=f"{cfg.model.name} + {cfg.peft.method}")
-    if progress:
-        print(format_table(rows, METRICS))
-    return rows
+    memory.reset()
+    shutil.rmtree(out_dir / "tb" / name, ignore_errors=True)
+    torch.manual_seed(seed)
+    model = SliceModel(prepare(copy.deepcopy(base).to(device), cfg.peft).to(device))
+    cases = [splits.train[i] for i in train]
+    result = train_run(model, task, cases, splits.val, cfg.train.loop(), NO_CROPS, seed,
+                       log_dir=out_dir / "tb" / name, desc=name, progress=progress, stop=stop)
+    if result.interrupted:
+        shutil.rmtree(out_dir / "tb" / name, ignore_errors=True)
+        return None, Scores({})
+    scores = task.score(model, splits.test)
+    peak = memory.peak_mb()
+    if cfg.save_predictions:
+        with atomic_dir(out_dir / "predictions" / name, overwrite=True) as tmp:
+            for mask, case in zip(scores.predictions, splits.test):
+                write_mask(mask if case.is_3d else mask[0], tmp / f"{case.name}.tif")
+    if (shots, seed) == (max(cfg.shots), cfg.seeds[0]):
+        with atomic_dir(out_dir / "adapted", overwrite=True) as tmp:
+            save_adapted(model.net, cfg, tmp)
+    trainable, total = count_parameters(model.net)
+    row = {"shots": shots, "seed": seed, "init": cfg.init, **scores.metrics,
+           "val_dice": None if np.isnan(result.val_score) else result.val_score,
+           "best_step": result.best_step,
+           "model": cfg.model.name, "method": cfg.peft.method, "trainable_params": trainable,
+           "total_params": total, "annotated_pixels": int(sum(c.label.size for c in cases)),
+           "peak_memory_mb": round(peak, 1), "sec_per_iter": round(result.sec_per_iter, 4),
+           "train_seconds": round(result.seconds, 2), "steps": result.steps,
+           "train_cases": " ".join(c.name for c in cases)}
+    return row, scores
+
+
+def _discard_unfinished(folder: RunFolder, out_dir: Path, cfg: Baseline2DConfig) -> None:
+    """What runs that did not finish left behind (a resumed folder): their predictions and adapter."""
+    finished = {f"shots{r['shots']}_seed{r['seed']}" for r in folder.ordered_rows()}
+    for path in (out_dir / "predictions").glob("shots*_seed*"):
+        if path.name not in finished:
+            folder.discard(path)
+    if f"shots{max(cfg.shots)}_seed{cfg.seeds[0]}" not in finished:
+        folder.discard(out_dir / "adapted")

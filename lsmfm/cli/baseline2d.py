@@ -2,7 +2,7 @@
 
 lsmfm baseline2d --list
 lsmfm baseline2d --config finetune/baseline2d_sam_lora.yaml [key=value ...] --dry-run
-lsmfm baseline2d --config finetune/baseline2d_sam_lora.yaml [key=value ...] --out RUN_DIR
+lsmfm baseline2d --config finetune/baseline2d_sam_lora.yaml [key=value ...] --out RUN_DIR [--resume]
 lsmfm baseline2d --compare RUN_DIR [RUN_DIR ...] [--out table.csv]
 """
 
@@ -21,6 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--out", help="run folder to create (config.yaml, results.csv, metrics.json, plots)")
     add_overwrite(parser, "an existing run folder (or --compare CSV)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --out: skip finished runs, re-run the interrupted one")
     parser.add_argument("--list", action="store_true", help="list the PEFT methods, models and decoders")
     parser.add_argument(
         "--dry-run",
@@ -62,11 +64,20 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not args.out:
         raise ConfigError("--out RUN_DIR is required (or use --dry-run / --list)")
+    from lsmfm.baselines2d.evaluate import METRICS
     from lsmfm.baselines2d.train import run_baseline
+    from lsmfm.tasks.protocol import STOPPED
+    from lsmfm.tasks.results import format_table
 
-    check_output(args.out, overwrite=args.overwrite, kind="folder")
-
-    run_baseline(cfg, args.out, overwrite=args.overwrite, progress=not args.quiet)
+    check_output(args.out, overwrite=None, kind="folder")  # run_baseline decides: --overwrite, --resume
+    outcome = run_baseline(cfg, args.out, overwrite=args.overwrite, progress=not args.quiet,
+                           resume=args.resume)
+    if outcome.rows:
+        print(format_table(outcome.rows, METRICS))
+    if outcome.stopped:
+        print(f"stopped by a signal after {len(outcome.rows)} runs; they are kept in {args.out}: run the "
+              "same command with --resume to finish")
+        return STOPPED
     print(f"results written to {args.out}")
     return 0
 

@@ -209,7 +209,7 @@ class Baseline2DArm(Arm):
 
         assert self.cfg.model is not None and self.cfg.peft is not None
         settings = Baseline2DConfig(model=self.cfg.model, peft=self.cfg.peft, shots=[record["shots"]],
-                                    seeds=[record["seed"]])
+                                    seeds=[record["seed"]], segment=self.ctx.cfg.segment)
         with atomic_dir(target, overwrite=True) as tmp:
             save_adapted(model.net, settings, tmp / "adapted")  # type: ignore[attr-defined]
             (tmp / "predictions").mkdir()

@@ -96,7 +96,9 @@ def train_run(model: Trainable, task: Any, train: list[Any], val: list[Any], cfg
               progress: bool = True, stop: Callable[[], bool] | None = None) -> TrainResult:
     """Train `model` in place on batches of `train` drawn by `task`; keep the weights with the best
     `task.val_metric` on `val`. `task` provides `batch`, `loss`, `score` and `val_metric` (a
-    `FinetuneTask`, or the 2D slice task of `lsmfm.baselines2d.task`)."""
+    `FinetuneTask`, or the 2D slice task of `lsmfm.baselines2d.task`). Without `val` (a 2D baseline
+    without `data.val_dir`) there is no validation: all `max_steps` run and the last weights are kept
+    (`val_score` NaN)."""
     from lsmfm.progress import progress_bar
 
     rng = np.random.default_rng(seed)
@@ -124,7 +126,7 @@ def train_run(model: Trainable, task: Any, train: list[Any], val: list[Any], cfg
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
         _log(writer, step, {"train/loss": loss.item(), "train/encoder_frozen": float(frozen)})
-        if step % cfg.val_every == 0 or step == cfg.max_steps:
+        if val and (step % cfg.val_every == 0 or step == cfg.max_steps):
             stopped = _validate(model, task, val, geometry, step, best, writer, bar, loss.item())
         interrupted = stop is not None and stop()
         if stopped or interrupted:
@@ -135,7 +137,8 @@ def train_run(model: Trainable, task: Any, train: list[Any], val: list[Any], cfg
     best.restore(model)
     model.eval()
     timed = times[1:] or times
-    return TrainResult(steps=step, best_step=best.step, val_score=best.score, stopped_early=stopped,
+    return TrainResult(steps=step, best_step=best.step if val else step,
+                       val_score=best.score if val else math.nan, stopped_early=stopped,
                        interrupted=interrupted, seconds=time.perf_counter() - start,
                        sec_per_iter=float(np.mean(timed)), trainable_params=count_trained(optimizer))
 
