@@ -23,3 +23,7 @@ class ConfigError(LsmfmError, ValueError):
 
 class LsmfmWarning(UserWarning):
     """Something the user should know that does not stop the run; the CLI prints it as one line."""
+
+
+class LsmfmNotice(LsmfmWarning):
+    """A choice lsmfm made for the user and why (not a problem); the CLI prints it as one `note:` line."""

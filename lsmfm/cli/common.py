@@ -25,7 +25,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal
 
-from lsmfm.errors import InputError, LsmfmError, LsmfmWarning
+from lsmfm.errors import InputError, LsmfmError, LsmfmNotice, LsmfmWarning
 from lsmfm.io.atomic import cut_short_error
 
 # OS errors caused by the environment or the user's paths, not by lsmfm: reported in one line.
@@ -156,7 +156,8 @@ def one_line_warnings(prefix: str) -> Iterator[None]:
     def show(message: Any, category: type, filename: str, lineno: int, file: Any = None,
              line: str | None = None) -> None:
         if issubclass(category, LsmfmWarning):
-            print(f"{prefix}: warning: {message}", file=sys.stderr)
+            kind = "note" if issubclass(category, LsmfmNotice) else "warning"
+            print(f"{prefix}: {kind}: {message}", file=sys.stderr)
         else:
             default(message, category, filename, lineno, file, line)
 

@@ -118,11 +118,21 @@ def task_model_card(config: Any, state: Mapping[str, torch.Tensor], results_tabl
 
 def load_task_model(path: str | Path, device: str | torch.device = "cpu", follow_symlinks: bool = False
                     ) -> tuple[TaskModel, Any]:
-    """Rebuild a finetuned model from its folder, in eval mode: (TaskModel, ModelConfig).
-    `follow_symlinks`: accept folder files that are symlinks leading outside it."""
+    """Rebuild a finetuned model from its folder (or a paper finetuning `.ckpt`), in eval mode:
+    (TaskModel, ModelConfig). `follow_symlinks`: accept folder files that are symlinks leading outside it."""
     from lsmfm.models.backbones.registry import build_backbone
     from lsmfm.weights.format import read_model_dir
 
+    if Path(path).is_file() and Path(path).suffix in (".ckpt", ".pt"):
+        from lsmfm.weights.paper import is_paper_finetuned
+        from lsmfm.weights.torchfile import load_torch_file
+
+        obj = load_torch_file(path)
+        if not is_paper_finetuned(obj):
+            raise InputError(path, "not a finetuned model: a .ckpt must be one of the LSM foundation model "
+                                   "paper's finetuning checkpoints (state_dict keys model.*)")
+        model, config = paper_task_model(obj, path)
+        return model.to(device), config
     config, state = read_model_dir(path, follow_symlinks)
     task = config.task
     if not task:
@@ -139,3 +149,27 @@ def load_task_model(path: str | Path, device: str | torch.device = "cpu", follow
     except RuntimeError as exc:
         raise InputError(path, f"weights do not match the configured {task['name']} model: {exc}") from exc
     return model.to(device).eval(), config
+
+
+def paper_task_model(obj: Mapping[str, Any], path: str | Path) -> tuple[TaskModel, Any]:
+    """A paper finetuning checkpoint as an lsmfm task model, for `lsmfm predict`: the network's output is
+    the task's (segmentation logits; deblurring: a residual added to the input), so the head is a 1x1x1
+    identity conv and the model computes exactly what the paper's module did."""
+    from lsmfm.models.backbones.registry import build_backbone
+    from lsmfm.weights.load import load_strict
+    from lsmfm.weights.paper import from_paper_finetuned
+
+    config, state = from_paper_finetuned(obj, path)
+    hp = obj.get("hyper_parameters") or {}
+    task = "deblur" if "edge_weight" in hp else "segment"
+    if config.backbone.out_channels != config.backbone.in_channels:
+        raise InputError(path, f"a paper finetuning checkpoint with {config.backbone.out_channels} output "
+                               "channels: only segmentation and deblurring (one output channel) are read")
+    backbone = build_backbone(config.backbone)
+    load_strict(backbone, state, str(path))
+    model = build_task_model(task, backbone)
+    with torch.no_grad():
+        model.head.weight.fill_(1.0)
+        model.head.bias.zero_()
+    config.task = {"name": task, "head": to_dict(model.head_config), "classes": [], "threshold": 0.5}
+    return model.eval(), config

@@ -48,11 +48,15 @@ def summary_lines(config: ModelConfig, state_dict: Mapping[str, torch.Tensor]) -
         f"- Patch size (z, y, x): {' x '.join(map(str, config.patch_size))} voxels; voxel size: {voxel}",
         f"- Normalisation: percentiles {norm.lower}-{norm.upper} to [0, 1]{', clipped' if norm.clip else ''}",
     ]
+    if config.backbone.axes == "xyz":
+        lines.append("- Axis order: trained on (x, y, z) arrays (nibabel's order); lsmfm passes (z, y, x) "
+                     "arrays and transposes them at the network's boundary")
     pre = config.pretraining
     if pre:
         lines += [
             f"- Pretraining mode: {pre.get('mode', 'unknown')}; recipe: {pre.get('recipe', 'unknown')}",
             f"- Weights: the {pre.get('which', 'unknown')} network"
+            + (f" ({pre['which_reason']})" if "which_reason" in pre else "")
             + (f", after {pre['steps']} optimizer steps" if "steps" in pre else "")
             + (f"; source checkpoint: {pre['source_checkpoint']}" if "source_checkpoint" in pre else ""),
         ]

@@ -33,8 +33,10 @@ def load_pretrained(source: str | Path, which: str | None = None, map_location: 
     Args:
         source: folder, `.safetensors`/`.ckpt` file, a release name (`lsmfm.weights.registry.RELEASES`),
             or a Hub repository `hf-hub:org/name[@revision]` / `org/name`.
-        which: "teacher" or "student" for checkpoints holding both (the paper's; default teacher).
-            For a single-network folder it must match the network it holds, when recorded.
+        which: "auto" (default), "teacher" or "student" for checkpoints holding both (the paper's):
+            auto takes the teacher unless its BatchNorm statistics were never trained (the paper's UNet
+            teachers), then the student, saying which and why (`lsmfm.weights.paper`). For a
+            single-network folder an explicit teacher/student must match the network it holds.
         map_location: device of the returned module.
         follow_symlinks: read a local folder whose files are symlinks leading outside it (refused
             otherwise; Hub snapshots, symlinks into huggingface_hub's own cache, are always read).
@@ -80,14 +82,18 @@ def _resolve(source: str | Path, which: str | None, revision: str | None, follow
 def _from_file(path: Path, which: str | None) -> tuple[ModelConfig, dict[str, torch.Tensor], str]:
     if path.suffix == ".safetensors":
         return _single_network(*read_safetensors_file(path), path, which)
-    from lsmfm.weights.paper import from_paper_checkpoint, is_paper_checkpoint
+    from lsmfm.weights.paper import from_paper_checkpoint, is_paper_checkpoint, is_paper_finetuned
     from lsmfm.weights.torchfile import load_torch_file
 
     obj = load_torch_file(path)
+    if is_paper_finetuned(obj):
+        from lsmfm.weights.paper import from_paper_finetuned
+
+        return (*from_paper_finetuned(obj, path), str(path))
     if not is_paper_checkpoint(obj):
         raise InputError(path, "not a checkpoint in the paper's layout (a dict whose state_dict holds "
-                               "student_encoder.* / teacher_encoder.* keys); for DeepSpeed runs use "
-                               "`lsmfm export`")
+                               "student_encoder.* / teacher_encoder.* keys, or a finetuned model.*); for "
+                               "DeepSpeed runs use `lsmfm export`")
     ckpt = from_paper_checkpoint(obj, path, which)
     log.info("%s: using the %s encoder; ignored: %s", path, ckpt.config.pretraining["which"],
              ", ".join(ckpt.ignored))
@@ -110,9 +116,9 @@ def _single_network(config: ModelConfig, state: dict[str, torch.Tensor], path: P
                     which: str | None) -> tuple[ModelConfig, dict[str, torch.Tensor], str]:
     """Our format holds one network; a finetuned model's `backbone.*` keys are that network."""
     stored = config.pretraining.get("which")
-    if which is not None and which not in ("teacher", "student"):
-        raise InputError(path, f"which must be 'teacher' or 'student', got {which!r}")
-    if which is not None and stored is not None and which != stored:
+    if which is not None and which not in ("auto", "teacher", "student"):
+        raise InputError(path, f"which must be 'auto', 'teacher' or 'student', got {which!r}")
+    if which not in (None, "auto") and stored is not None and which != stored:
         raise InputError(path, f"holds the {stored} network only, not the {which}; export the {which} "
                                f"with `lsmfm export RUN_DIR --which {which}`")
     if config.task is not None or any(k.startswith("backbone.") for k in state):

@@ -19,6 +19,9 @@ from lsmfm.weights.hub import HubMixin
 class Backbone(HubMixin):
     """Shared API: `forward(x)` gives (B, C, D, H, W) features, `embed(x)` a pooled (B, C) vector.
 
+    Inputs and outputs are (z, y, x) whatever axis order the network was trained in (`config.axes`):
+    each architecture's `forward` wraps its network in `to_network` / `from_network`.
+
     `HubMixin` adds `save_pretrained(dir)`, `from_pretrained(source)` and `push_to_hub(repo_id)`.
     """
 
@@ -27,6 +30,15 @@ class Backbone(HubMixin):
     @property
     def feature_dim(self) -> int:
         return self.config.out_channels
+
+    def to_network(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, z, y, x) input, checked, in the axis order the network was trained on."""
+        self.check_input(x)
+        return x.permute(0, 1, 4, 3, 2).contiguous() if self.config.axes == "xyz" else x
+
+    def from_network(self, y: torch.Tensor) -> torch.Tensor:
+        """The network's dense output back in (B, C, z, y, x) order."""
+        return y.permute(0, 1, 4, 3, 2).contiguous() if self.config.axes == "xyz" else y
 
     def check_input(self, x: torch.Tensor) -> None:
         m = self.config.size_multiple

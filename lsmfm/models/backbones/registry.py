@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping
 
 from lsmfm.errors import ConfigError
 from lsmfm.registry import Registry
@@ -44,15 +44,21 @@ class BackboneConfig:
         arch: the architecture (a key of `BACKBONES`); each subclass fixes it.
         in_channels: image channels.
         out_channels: dense feature (and pooled embedding) dimension.
+        axes: the order of the spatial axes the network was trained on: "zyx" (lsmfm's arrays) or
+            "xyz" (nibabel's, as the LSM foundation model paper fed them). Inputs and outputs are
+            always (z, y, x); an "xyz" network gets them transposed at its boundary.
     """
 
     arch: str = DEFAULT_ARCH
     in_channels: int = 1
     out_channels: int = 128
+    axes: Literal["zyx", "xyz"] = "zyx"
 
     def __post_init__(self) -> None:
         if min(self.in_channels, self.out_channels) < 1:
             raise ValueError("in_channels and out_channels must be >= 1")
+        if self.axes not in ("zyx", "xyz"):
+            raise ValueError(f"axes must be zyx or xyz, got {self.axes!r}")
 
     @property
     def size_multiple(self) -> int:

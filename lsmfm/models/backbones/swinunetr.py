@@ -72,5 +72,4 @@ class SwinUNETRBackbone(Backbone, SwinUNETR):
         self.config = config
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.check_input(x)
-        return SwinUNETR.forward(self, x)
+        return self.from_network(SwinUNETR.forward(self, self.to_network(x)))

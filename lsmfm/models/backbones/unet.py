@@ -100,5 +100,4 @@ class UNetBackbone(Backbone, UNet):
         self.config = config
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.check_input(x)
-        return UNet.forward(self, x)
+        return self.from_network(UNet.forward(self, self.to_network(x)))
