@@ -15,6 +15,7 @@ and its EMA updates parameters only (`on_train_batch_end`), so its BatchNorm sta
 This module re-creates that with a real Trainer.fit on CPU at tiny widths; it copies no code, only the
 names, layouts and library calls the paper's files show.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -28,8 +29,10 @@ from torch import nn
 
 import lsmfm._monai  # noqa: F401  (MONAI without transformers)
 
-PROMPTS = ["cleared mouse brain, nuclear stain, densely packed round nuclei",
-           "cleared mouse brain, vascular stain, branching vessels"]
+PROMPTS = [
+    "cleared mouse brain, nuclear stain, densely packed round nuclei",
+    "cleared mouse brain, vascular stain, branching vessels",
+]
 
 
 def write_patches(folder: Path, n: int = 4, size: int = 12, seed: int = 0) -> list[Path]:
@@ -46,16 +49,28 @@ def write_patches(folder: Path, n: int = 4, size: int = 12, seed: int = 0) -> li
 
 def load_transforms(target_size: int | tuple[int, int, int]) -> Any:
     """The paper's `get_load_transforms(target_size)`."""
-    from monai.transforms import (Compose, EnsureChannelFirstd, EnsureTyped, LoadImaged, Resized,
-                                  ScaleIntensityRangePercentilesd, ToTensord)
+    from monai.transforms import (
+        Compose,
+        EnsureChannelFirstd,
+        EnsureTyped,
+        LoadImaged,
+        Resized,
+        ScaleIntensityRangePercentilesd,
+        ToTensord,
+    )
 
-    return Compose([LoadImaged(keys=["image"]), EnsureChannelFirstd(keys=["image"], channel_dim="no_channel"),
-                    EnsureTyped(keys=["image"]),
-                    ScaleIntensityRangePercentilesd(keys=["image"], lower=1.0, upper=99.0, b_min=0.0,
-                                                    b_max=1.0, clip=True),
-                    Resized(keys=["image"], spatial_size=_size3(target_size), mode="trilinear",
-                            align_corners=False),
-                    ToTensord(keys=["image"])])
+    return Compose(
+        [
+            LoadImaged(keys=["image"]),
+            EnsureChannelFirstd(keys=["image"], channel_dim="no_channel"),
+            EnsureTyped(keys=["image"]),
+            ScaleIntensityRangePercentilesd(
+                keys=["image"], lower=1.0, upper=99.0, b_min=0.0, b_max=1.0, clip=True
+            ),
+            Resized(keys=["image"], spatial_size=_size3(target_size), mode="trilinear", align_corners=False),
+            ToTensord(keys=["image"]),
+        ]
+    )
 
 
 def _size3(size: int | tuple[int, int, int]) -> tuple[int, int, int]:
@@ -73,7 +88,9 @@ class PatchDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         p = self.paths[i]
-        return self.transform({"image": str(p), "text": PROMPTS[int(p.parent.parent.name[-1])], "path": str(p)})
+        return self.transform(
+            {"image": str(p), "text": PROMPTS[int(p.parent.parent.name[-1])], "path": str(p)}
+        )
 
 
 def tiny_bert(folder: Path) -> Path:
@@ -86,28 +103,58 @@ def tiny_bert(folder: Path) -> Path:
     vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ",", *words]) + "\n")
     BertTokenizerFast(vocab_file=str(vocab), do_lower_case=True).save_pretrained(folder)
     torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=len(words) + 6, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                         intermediate_size=32, max_position_embeddings=64)).save_pretrained(folder)
+    BertModel(
+        BertConfig(
+            vocab_size=len(words) + 6,
+            hidden_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=32,
+            max_position_embeddings=64,
+        )
+    ).save_pretrained(folder)
     return folder
 
 
 def paper_config(arch: str, use_text: bool, text_model: Path | None, embed_dim: int) -> dict[str, Any]:
     """The YAML layout of pretrain_{unet,swinunetr}_config.yaml at tiny sizes (downsample 12 -> 8, for
     SwinUNETR 12 -> 32, stands for the paper's 96 -> 64)."""
-    model = {"use_text": use_text, "mask_ratio_warmup": 0.05, "warmup_epochs": 20, "mask_ratio": 0.3,
-             "lr": 0.0001, "ema_decay": 0.996, "mask_patch_size": 2, "temp_student": 0.1, "temp_teacher": 0.1,
-             "text_model_name": str(text_model) if text_model else "bert-base-uncased", "embed_dim": embed_dim,
-             "clip_temperature": 0.1, "save_filename": f"pretrained_{arch}", "max_log_images": 5}
+    model = {
+        "use_text": use_text,
+        "mask_ratio_warmup": 0.05,
+        "warmup_epochs": 20,
+        "mask_ratio": 0.3,
+        "lr": 0.0001,
+        "ema_decay": 0.996,
+        "mask_patch_size": 2,
+        "temp_student": 0.1,
+        "temp_teacher": 0.1,
+        "text_model_name": str(text_model) if text_model else "bert-base-uncased",
+        "embed_dim": embed_dim,
+        "clip_temperature": 0.1,
+        "save_filename": f"pretrained_{arch}",
+        "max_log_images": 5,
+    }
     if arch == "unet":
         model["unet"] = {"channels": [4, 8, 16], "strides": [2, 1], "num_res_units": 2, "norm": "BATCH"}
     else:
         model["swinunetr"] = {"feature_size": 12, "use_checkpoint": False}
-    return {"training": {"seed": 100, "max_epochs": 500, "patience": 200},
-            "data": {"enable": {"wu": True, "selma": False}, "base_patch_size": 12, "use_sub_patches": False,
-                     "downsample": {"enabled": True, "target_size": 8 if arch == "unet" else 32}},
-            "model": model,
-            "loss_weights": {"distill_weight": 0.29, "reconstruction_weight": 0.20, "align_weight": 0.06,
-                             "clip_weight": 0.36}}
+    return {
+        "training": {"seed": 100, "max_epochs": 500, "patience": 200},
+        "data": {
+            "enable": {"wu": True, "selma": False},
+            "base_patch_size": 12,
+            "use_sub_patches": False,
+            "downsample": {"enabled": True, "target_size": 8 if arch == "unet" else 32},
+        },
+        "model": model,
+        "loss_weights": {
+            "distill_weight": 0.29,
+            "reconstruction_weight": 0.20,
+            "align_weight": 0.06,
+            "clip_weight": 0.36,
+        },
+    }
 
 
 def _encoder(arch: str, config: dict[str, Any]) -> nn.Module:
@@ -116,10 +163,21 @@ def _encoder(arch: str, config: dict[str, Any]) -> nn.Module:
     m = config["model"]
     if arch == "unet":
         u = m["unet"]
-        return UNet(spatial_dims=3, in_channels=1, out_channels=m["embed_dim"], channels=u["channels"],
-                    strides=u["strides"], num_res_units=u["num_res_units"], norm=u["norm"])
-    return SwinUNETR(in_channels=1, out_channels=m["embed_dim"], feature_size=m["swinunetr"]["feature_size"],
-                     spatial_dims=3)
+        return UNet(
+            spatial_dims=3,
+            in_channels=1,
+            out_channels=m["embed_dim"],
+            channels=u["channels"],
+            strides=u["strides"],
+            num_res_units=u["num_res_units"],
+            norm=u["norm"],
+        )
+    return SwinUNETR(
+        in_channels=1,
+        out_channels=m["embed_dim"],
+        feature_size=m["swinunetr"]["feature_size"],
+        spatial_dims=3,
+    )
 
 
 def _lightning() -> Any:
@@ -137,11 +195,17 @@ class PaperPretrainModule(_lightning().LightningModule):
         m = config["model"]
         self.use_text, self.embed_dim = m["use_text"], m["embed_dim"]
         if self.use_text:
-            self.logit_scale = nn.Parameter(torch.tensor(np.log(1.0 / m["clip_temperature"]), dtype=torch.float))
+            self.logit_scale = nn.Parameter(
+                torch.tensor(np.log(1.0 / m["clip_temperature"]), dtype=torch.float)
+            )
         self.reconstruction_head = nn.Module()
         self.reconstruction_head.decoder = nn.Sequential(
-            nn.Conv3d(self.embed_dim, 8, 3, padding=1), nn.ReLU(inplace=True), nn.Conv3d(8, 4, 3, padding=1),
-            nn.ReLU(inplace=True), nn.Conv3d(4, 1, 1))
+            nn.Conv3d(self.embed_dim, 8, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.Conv3d(8, 4, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.Conv3d(4, 1, 1),
+        )
         self.student_encoder = _encoder(arch, config)
         self.teacher_encoder = _encoder(arch, config)
         self.teacher_encoder.load_state_dict(self.student_encoder.state_dict())
@@ -155,12 +219,21 @@ class PaperPretrainModule(_lightning().LightningModule):
             self.text_tokenizer = AutoTokenizer.from_pretrained(m["text_model_name"], local_files_only=True)
             self.text_encoder = AutoModel.from_pretrained(m["text_model_name"], local_files_only=True)
             hidden = self.text_encoder.config.hidden_size
-            self.text_proj = nn.Sequential(nn.Linear(hidden, self.embed_dim), nn.ReLU(),
-                                           nn.Linear(self.embed_dim, self.embed_dim), nn.LayerNorm(self.embed_dim))
+            self.text_proj = nn.Sequential(
+                nn.Linear(hidden, self.embed_dim),
+                nn.ReLU(),
+                nn.Linear(self.embed_dim, self.embed_dim),
+                nn.LayerNorm(self.embed_dim),
+            )
             self.text_encoder.eval()
-            self.image_proj = nn.Sequential(nn.AdaptiveAvgPool3d(1), nn.Flatten(),
-                                            nn.Linear(self.embed_dim, self.embed_dim), nn.ReLU(),
-                                            nn.Linear(self.embed_dim, self.embed_dim), nn.LayerNorm(self.embed_dim))
+            self.image_proj = nn.Sequential(
+                nn.AdaptiveAvgPool3d(1),
+                nn.Flatten(),
+                nn.Linear(self.embed_dim, self.embed_dim),
+                nn.ReLU(),
+                nn.Linear(self.embed_dim, self.embed_dim),
+                nn.LayerNorm(self.embed_dim),
+            )
 
     def encode_text(self, texts: list[str]) -> torch.Tensor:
         tokens = self.text_tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
@@ -176,12 +249,16 @@ class PaperPretrainModule(_lightning().LightningModule):
         s_norm = F.normalize(student, dim=1)
         with torch.no_grad():
             t_norm = F.normalize(self.teacher_encoder(x), dim=1)
-        distill = F.kl_div(F.log_softmax(s_norm / 0.1, dim=1), F.softmax(t_norm / 0.1, dim=1), reduction="batchmean")
+        distill = F.kl_div(
+            F.log_softmax(s_norm / 0.1, dim=1), F.softmax(t_norm / 0.1, dim=1), reduction="batchmean"
+        )
         recon = F.l1_loss(self.reconstruction_head.decoder(student), x)
         loss = 0.29 * distill + 0.20 * recon
         if self.use_text:
             image = F.normalize(self.image_proj(s_norm), dim=-1)
-            logits = image @ self.encode_text(list(batch["text"])).T * self.logit_scale.exp().clamp(1e-3, 100.0)
+            logits = (
+                image @ self.encode_text(list(batch["text"])).T * self.logit_scale.exp().clamp(1e-3, 100.0)
+            )
             targets = torch.arange(logits.shape[0])
             loss = loss + 0.36 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
         self.log(f"{prefix}_loss", loss, batch_size=x.shape[0])
@@ -205,24 +282,34 @@ class PaperPretrainModule(_lightning().LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=self.hparams["model"]["lr"])
 
 
-def _fit(module: Any, train: torch.utils.data.Dataset, folder: Path, filename: str, monitor: str,
-         steps: int) -> Path:
+def _fit(
+    module: Any, train: torch.utils.data.Dataset, folder: Path, filename: str, monitor: str, steps: int
+) -> Path:
     """Trainer.fit with the paper's callbacks; returns the best checkpoint ModelCheckpoint wrote."""
     pl = _lightning()
     from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
 
     best = ModelCheckpoint(monitor=monitor, mode="min", save_top_k=1, filename=filename, dirpath=str(folder))
     loader = torch.utils.data.DataLoader(train, batch_size=2, shuffle=False)
-    trainer = pl.Trainer(max_epochs=1, max_steps=steps, accelerator="cpu", devices=1, logger=False,
-                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                         limit_val_batches=1, callbacks=[EarlyStopping(monitor=monitor, patience=200, mode="min"),
-                                                         best])
+    trainer = pl.Trainer(
+        max_epochs=1,
+        max_steps=steps,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=1,
+        callbacks=[EarlyStopping(monitor=monitor, patience=200, mode="min"), best],
+    )
     trainer.fit(module, loader, loader)
     return Path(best.best_model_path)
 
 
-def write_paper_pretraining_ckpt(folder: Path, arch: str = "unet", use_text: bool = True,
-                                 embed_dim: int = 8) -> Path:
+def write_paper_pretraining_ckpt(
+    folder: Path, arch: str = "unet", use_text: bool = True, embed_dim: int = 8
+) -> Path:
     """`pretrained_<arch>_best.ckpt` from two steps of the paper's pretraining module."""
     torch.manual_seed(0)
     text = tiny_bert(folder / "bert") if use_text else None
@@ -236,26 +323,47 @@ def write_paper_pretraining_ckpt(folder: Path, arch: str = "unet", use_text: boo
         data = PatchDataset(write_patches(folder / "patches"), size)
     else:
         data = PatchDataset(write_patches(folder / "patches", n=2), (32, 32, 64))
-    return _fit(module, data, folder, f"pretrained_{arch}_best", "val_loss_report", 2 if arch == "unet" else 1)
+    return _fit(
+        module, data, folder, f"pretrained_{arch}_best", "val_loss_report", 2 if arch == "unet" else 1
+    )
 
 
 class PaperFinetuneSegModule(_lightning().LightningModule):
     """The paper's `FinetuneUNetModule`: `self.model` is a MONAI UNet with one output channel (logits),
     started from a pretraining checkpoint's `student_encoder.*`."""
 
-    def __init__(self, pretrained_ckpt: str, lr: float, channels: list[int], strides: list[int],
-                 num_res_units: int, norm: str) -> None:
+    def __init__(
+        self,
+        pretrained_ckpt: str,
+        lr: float,
+        channels: list[int],
+        strides: list[int],
+        num_res_units: int,
+        norm: str,
+    ) -> None:
         super().__init__()
         self.save_hyperparameters()
         from monai.networks.nets import UNet
 
-        self.model = UNet(spatial_dims=3, in_channels=1, out_channels=1, channels=tuple(channels),
-                          strides=tuple(strides), num_res_units=num_res_units, norm=norm)
+        self.model = UNet(
+            spatial_dims=3,
+            in_channels=1,
+            out_channels=1,
+            channels=tuple(channels),
+            strides=tuple(strides),
+            num_res_units=num_res_units,
+            norm=norm,
+        )
         sd = torch.load(pretrained_ckpt, map_location="cpu", weights_only=False)["state_dict"]
-        mapped = {"model." + k[len("student_encoder."):]: v for k, v in sd.items() if k.startswith("student_encoder.")}
+        mapped = {
+            "model." + k[len("student_encoder.") :]: v
+            for k, v in sd.items()
+            if k.startswith("student_encoder.")
+        }
         own = self.state_dict()
-        self.load_state_dict({k: v for k, v in mapped.items() if k in own and v.shape == own[k].shape},
-                             strict=False)
+        self.load_state_dict(
+            {k: v for k, v in mapped.items() if k in own and v.shape == own[k].shape}, strict=False
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
@@ -282,7 +390,8 @@ def write_paper_finetuned_ckpt(folder: Path, pretrained: Path) -> Path:
     """`finetune_unet_best.ckpt` of the paper's segmentation finetuning from `pretrained` (a UNet one)."""
     torch.manual_seed(0)
     u = torch.load(pretrained, map_location="cpu", weights_only=False)["hyper_parameters"]["model"]["unet"]
-    module = PaperFinetuneSegModule(str(pretrained), 3e-4, u["channels"], u["strides"], u["num_res_units"],
-                                    u["norm"])
+    module = PaperFinetuneSegModule(
+        str(pretrained), 3e-4, u["channels"], u["strides"], u["num_res_units"], u["norm"]
+    )
     data = PatchDataset(write_patches(folder / "patches", seed=1), 12)
     return _fit(module, data, folder, "finetune_unet_best", "val_loss", 2)

@@ -4,6 +4,7 @@ load in one line: all four variants (UNet/SwinUNETR x image+text/image-only) and
 the exact tensors, the automatic encoder choice from the teacher's untrained BatchNorm statistics, the
 (x, y, z) axis order applied at the boundary (tested against the raw MONAI network), and a pickle that
 runs code refused without a side effect."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -19,9 +20,12 @@ from lsmfm.errors import LsmfmNotice, LsmfmWarning
 from lsmfm.weights.paper import batchnorm_state
 from lsmfm.weights.torchfile import UnsafeCheckpointError
 
-VARIANTS = [("unet", True), ("unet", False),
-            pytest.param("swinunetr", True, marks=pytest.mark.slow),
-            pytest.param("swinunetr", False, marks=pytest.mark.slow)]
+VARIANTS = [
+    ("unet", True),
+    ("unet", False),
+    pytest.param("swinunetr", True, marks=pytest.mark.slow),
+    pytest.param("swinunetr", False, marks=pytest.mark.slow),
+]
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +49,7 @@ def trusted(path: Path) -> dict:
 
 def encoder(sd: dict, which: str) -> dict:
     prefix = f"{which}_encoder."
-    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
 
 
 def raw_network(arch: str, hp: dict, state: dict) -> torch.nn.Module:
@@ -65,16 +69,27 @@ def test_the_fixture_is_what_the_paper_writes(ckpts):
     path = ckpts["unet", True]
     obj = trusted(path)
     assert {"state_dict", "hyper_parameters", "callbacks", "optimizer_states", "loops"} <= set(obj)
-    scores = [v for state in obj["callbacks"].values() for k, v in state.items()
-              if k in ("best_model_score", "best_score")]
+    scores = [
+        v
+        for state in obj["callbacks"].values()
+        for k, v in state.items()
+        if k in ("best_model_score", "best_score")
+    ]
     assert len(scores) == 2 and all(isinstance(s, MetaTensor) for s in scores)
     assert any(op.get("class") == "ToTensord" for op in scores[0].applied_operations)
     with pytest.raises(Exception, match="MetaTensor|Unsupported global"):
         torch.load(path, weights_only=True)
     sd = obj["state_dict"]
-    assert {k.split(".")[0] for k in sd} == {"student_encoder", "teacher_encoder", "reconstruction_head",
-                                             "ema_decay", "text_encoder", "text_proj", "image_proj",
-                                             "logit_scale"}
+    assert {k.split(".")[0] for k in sd} == {
+        "student_encoder",
+        "teacher_encoder",
+        "reconstruction_head",
+        "ema_decay",
+        "text_encoder",
+        "text_proj",
+        "image_proj",
+        "logit_scale",
+    }
     assert batchnorm_state(encoder(sd, "teacher")) == "untrained"  # eval mode + EMA of parameters only
     assert batchnorm_state(encoder(sd, "student")) == "trained"
 
@@ -98,7 +113,9 @@ def test_each_variant_loads_exactly_with_the_automatic_choice(ckpts, arch, text)
     network = obj["hyper_parameters"]["data"]["downsample"]["target_size"]
     assert c.patch_size == [network] * 3
     assert c.pretraining["resize"] == {"read": [12] * 3, "network": [network] * 3}
-    assert c.pretraining["which"] == which and c.pretraining["mode"] == ("image_text" if text else "image_only")
+    assert c.pretraining["which"] == which and c.pretraining["mode"] == (
+        "image_text" if text else "image_only"
+    )
     assert (c.normalize.lower, c.normalize.upper, c.normalize.clip) == (1.0, 99.0, True)
     assert c.pretraining["data"] == ["wu"]
 
@@ -150,9 +167,21 @@ def test_finetuned_checkpoint_predicts_what_the_paper_module_does(ckpts, tmp_pat
     assert config.task["name"] == "segment" and config.backbone.axes == "xyz"
     assert config.backbone.out_channels == 1  # inferred from the tensors
     hp = obj["hyper_parameters"]
-    raw = raw_network("unet", {"model": {"embed_dim": 1, "unet": {
-        "channels": hp["channels"], "strides": hp["strides"], "num_res_units": hp["num_res_units"],
-        "norm": hp["norm"]}}}, {k[len("model."):]: v for k, v in obj["state_dict"].items()})
+    raw = raw_network(
+        "unet",
+        {
+            "model": {
+                "embed_dim": 1,
+                "unet": {
+                    "channels": hp["channels"],
+                    "strides": hp["strides"],
+                    "num_res_units": hp["num_res_units"],
+                    "norm": hp["norm"],
+                },
+            }
+        },
+        {k[len("model.") :]: v for k, v in obj["state_dict"].items()},
+    )
     vol_xyz = torch.rand(2, 1, 12, 8, 10, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert torch.equal(model(vol_xyz.permute(0, 1, 4, 3, 2)), raw(vol_xyz).permute(0, 1, 4, 3, 2))

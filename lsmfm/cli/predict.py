@@ -18,7 +18,8 @@ from lsmfm.cli.common import add_overwrite, add_quiet, check_output
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True,
-                        help="finetuned model folder (model.safetensors + config.json)")
+                        help="finetuned model folder (model.safetensors + config.json), or a finetuning "
+                             "checkpoint of the LSM foundation model paper (.ckpt)")
     parser.add_argument("--input", required=True,
                         help="volume: .zarr (OME-Zarr level 0), .tif/.tiff, .nii/.nii.gz or a folder of "
                              "TIFF planes")
