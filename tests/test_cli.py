@@ -24,7 +24,8 @@ CONVENTIONS = {
     ("catalog", "ingest"): (True, True), ("catalog", "import-paper"): (True, True), ("stream",): (True, True),
     ("pretrain",): (True, True), ("export",): (True, False), ("finetune", "segment"): (True, True),
     ("finetune", "classify"): (True, True), ("finetune", "deblur"): (True, True), ("predict",): (True, True),
-    ("baseline2d",): (True, True), ("analyze", "domains"): (True, False), ("demo",): (True, True),
+    ("baseline2d",): (True, True), ("analyze", "domains"): (True, False),
+    ("analyze", "retrieval"): (True, False), ("demo",): (True, True),
     ("compare", "segment"): (True, True), ("compare", "classify"): (True, True),
     ("compare", "deblur"): (True, True),
 }
