@@ -9,7 +9,7 @@ DEMO := runs/demo
 $(BIN)/lsmfm: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q -e ".[all,test]"
 	touch $(BIN)/lsmfm
 
 setup: $(BIN)/lsmfm

@@ -208,10 +208,10 @@ def test_qlora_without_bitsandbytes_says_how_to_install(monkeypatch):
     import sys
 
     from lsmfm.baselines2d.methods.qlora import bitsandbytes
-    from lsmfm.errors import ConfigError
+    from lsmfm.extras import MissingExtra
 
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)
-    with pytest.raises(ConfigError, match=r"pip install 'lsmfm\[qlora\]'"):
+    with pytest.raises(MissingExtra, match=r"pip install 'lsmfm\[qlora\]'"):
         bitsandbytes()
 
 

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 import subprocess
 import sys
+import zipfile
 
 import pytest
 
@@ -23,6 +25,8 @@ def test_demo_runs_end_to_end(tmp_path):
     assert all(0.0 <= float(r["dice"]) <= 1.0 for r in rows)
     assert (out / "weights" / "model.safetensors").is_file()
     assert (out / "prediction.zarr" / "labels" / "mask").is_dir()
+    if importlib.util.find_spec("bioimageio") is not None:
+        assert zipfile.is_zipfile(out / "segment.bioimageio.zip")
     assert "Demo finished" in done.stdout
 
 

@@ -2,7 +2,8 @@
 
 It runs the same subcommands a user would, in order, so the demo doubles as a worked example:
 synth -> ingest (catalog) -> stream -> pretrain -> export -> finetune segment (pretrained vs scratch)
--> predict on a whole volume.
+-> predict on a whole volume -> export the model as a bioimage.io package (when the bioimageio
+extra is installed).
 """
 from __future__ import annotations
 
@@ -46,31 +47,45 @@ def run(args: argparse.Namespace) -> int:
     _reset_demo_dir(out, args.overwrite)
     quiet = args.quiet
     synth, stores = out / "synth", out / "stores"
-    _stage("1/7 generate synthetic light-sheet volumes",
+    _stage("1/8 generate synthetic light-sheet volumes",
            ["synth", "--out", str(synth), "--seed", str(args.seed)], quiet)
     catalog = write_demo_catalog(out / "catalog.yaml", synth, stores)
-    _stage("2/7 ingest into OME-Zarr (catalog)", ["catalog", "ingest", str(catalog)], quiet)
-    _stage("3/7 stream patches", ["stream", "--catalog", str(catalog), "--patch", "32", "--batch", "4",
+    _stage("2/8 ingest into OME-Zarr (catalog)", ["catalog", "ingest", str(catalog)], quiet)
+    _stage("3/8 stream patches", ["stream", "--catalog", str(catalog), "--patch", "32", "--batch", "4",
                                   "--n", "25", "--seed", str(args.seed)], quiet)
     pretrain = ["pretrain", "--config", str(REPO / "pretrain" / "tiny.yaml"), "--out", str(out / "pretrain"),
                 f"data.catalogs=[{catalog}]"]
     if args.pretrain_steps is not None:
         pretrain.append(f"train.max_steps={args.pretrain_steps}")
-    _stage("4/7 pretrain (student-teacher, masked reconstruction + distillation + CLIP)", pretrain, quiet)
-    _stage("5/7 export the teacher backbone", ["export", str(out / "pretrain"), "--out", str(out / "weights")])
+    _stage("4/8 pretrain (student-teacher, masked reconstruction + distillation + CLIP)", pretrain, quiet)
+    _stage("5/8 export the teacher backbone", ["export", str(out / "pretrain"), "--out", str(out / "weights")])
     ft = synth / "finetune"
-    _stage("6/7 few-shot segmentation: pretrained vs scratch",
+    _stage("6/8 few-shot segmentation: pretrained vs scratch",
            ["finetune", "segment", "--config", str(REPO / "finetune" / "demo_segment.yaml"),
             "--out", str(out / "finetune_segment"), f"pretrained={out / 'weights'}",
             f"data.train_dir={ft / 'train'}", f"data.val_dir={ft / 'val'}", f"data.test_dir={ft / 'test'}"],
            quiet)
     model = _largest_shot_model(out / "finetune_segment" / "pretrained")
-    _stage("7/7 whole-volume prediction (sliding window, out of core)",
+    _stage("7/8 whole-volume prediction (sliding window, out of core)",
            ["predict", "--model", str(model), "--input", str(stores / "synth_01_vessels.zarr"),
             "--out", str(out / "prediction.zarr"), "--block", "64"], quiet)
+    package = _bioimageio_stage(model, out / "segment.bioimageio.zip", quiet)
     print(f"\nDemo finished. Outputs under {out}/ (plots: {out / 'finetune_segment'}/*_vs_shots.png, "
-          f"prediction: {out / 'prediction.zarr'})")
+          f"prediction: {out / 'prediction.zarr'}" + (f", bioimage.io package: {package})" if package else ")"))
     return 0
+
+
+def _bioimageio_stage(model: Path, package: Path, quiet: bool) -> Path | None:
+    """Stage 8, when `lsmfm[bioimageio]` is installed (else one line saying how to get it)."""
+    import importlib.util
+
+    title = "8/8 export the model as a bioimage.io package (deepImageJ, ilastik, napari)"
+    if importlib.util.find_spec("bioimageio") is None:
+        print(f"\n=== {title}\nskipped: needs pip install 'lsmfm[bioimageio]'", flush=True)
+        return None
+    _stage(title, ["export", "--format", "bioimageio", str(model), "--out", str(package), "--author",
+                   "lsmfm demo"])
+    return package
 
 
 def _reset_demo_dir(out: Path, overwrite: bool = False) -> None:

@@ -34,7 +34,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "catalog": ("lsmfm.cli.catalog", "validate or import dataset catalogs"),
     "stream": ("lsmfm.cli.stream", "stream patches from catalog sources and report throughput"),
     "pretrain": ("lsmfm.cli.pretrain", "pretrain a 3D foundation model (DeepSpeed)"),
-    "export": ("lsmfm.cli.export", "export a training run to safetensors + config.json"),
+    "export": ("lsmfm.cli.export", "export a pretraining run's weights, or a finetuned model as a "
+                                    "bioimage.io package"),
     "finetune": ("lsmfm.cli.finetune", "few-shot finetuning: segment, classify, deblur"),
     "predict": ("lsmfm.cli.predict", "sliding-window prediction over whole volumes"),
     "baseline2d": ("lsmfm.cli.baseline2d", "2D foundation-model PEFT baselines"),

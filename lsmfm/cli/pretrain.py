@@ -29,8 +29,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from lsmfm.errors import InputError
+    from lsmfm.extras import require
     from lsmfm.training.pretrain import pretrain, resolve_config
 
+    require("deepspeed", "train", "pretraining")  # before any output exists
     if not (args.resume or args.overwrite) and (args.out / "config.yaml").is_file():
         raise InputError(args.out, "holds an earlier pretraining run; pass --resume to continue it, "
                                    "--overwrite to start over, or choose a new --out")

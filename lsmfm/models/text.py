@@ -96,8 +96,10 @@ class TextEncoder(nn.Module):
 
     def __init__(self, config: TextConfig, embed_dim: int, head: EmbeddingHead = "linear") -> None:
         super().__init__()
-        from transformers import AutoModel, AutoTokenizer
+        from lsmfm.extras import require
 
+        transformers = require("transformers", "text", "the text encoder (image-text pretraining)")
+        AutoModel, AutoTokenizer = transformers.AutoModel, transformers.AutoTokenizer
         path = resolve_model_path(config.name_or_path)
         self.config = config
         try:

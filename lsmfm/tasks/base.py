@@ -35,6 +35,25 @@ class Example:
 
 
 @dataclass(frozen=True)
+class BioimageioOutput:
+    """How a bioimage.io package (`lsmfm.bioimageio.package`) describes a dense task's output.
+
+    Args:
+        id: the output tensor's id in rdf.yaml.
+        description: what it holds, at most 128 characters.
+        channels: one name per output channel (the head's output channels).
+        residual: the packed network adds its input to the head's output.
+        tags: bioimage.io tags of the task.
+    """
+
+    id: str
+    description: str
+    channels: tuple[str, ...]
+    residual: bool
+    tags: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class Geometry:
     """Training crop size, and the sliding window (size, overlap) that scores whole val/test images."""
 
@@ -111,6 +130,13 @@ class FinetuneTask:
     def card_lines(cls, task: Mapping[str, Any]) -> list[str]:
         """Model-card lines about a saved model of this task (`task`: its `config.task` entry)."""
         return []
+
+    @classmethod
+    def bioimageio_output(cls, task: Mapping[str, Any], head_cfg: Any, in_channels: int
+                          ) -> BioimageioOutput | None:
+        """The output of this task's bioimage.io packages, or None when it cannot be exported
+        (`task`: the model's `config.task`; mask outputs get sigmoid + binarize at its threshold)."""
+        return None
 
     @classmethod
     def predict_problem(cls, head_cfg: Any) -> str | None:

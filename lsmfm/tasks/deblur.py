@@ -11,14 +11,14 @@ from __future__ import annotations
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, Mapping
 
 import numpy as np
 import torch
 from torch import nn
 
 from lsmfm.data.normalize import NormalizeConfig, denormalize_channels, normalize_channels
-from lsmfm.tasks.base import Example, FinetuneTask, Scores, sliding_window
+from lsmfm.tasks.base import BioimageioOutput, Example, FinetuneTask, Scores, sliding_window
 from lsmfm.tasks.config import DataConfig, FinetuneConfig
 from lsmfm.tasks.data import Patch, load_split
 from lsmfm.tasks.outputs import write_prediction
@@ -116,6 +116,13 @@ class DeblurTask(FinetuneTask):
         nn.init.zeros_(conv.weight)
         nn.init.zeros_(conv.bias)
         return conv
+
+    @classmethod
+    def bioimageio_output(cls, task: Mapping[str, Any], head_cfg: DeblurHeadConfig, in_channels: int
+                          ) -> BioimageioOutput:
+        return BioimageioOutput("restored", "restored image on the input's normalised scale (its percentile "
+                                "bounds at 0 and 1)", tuple(f"channel{c}" for c in range(in_channels)),
+                                residual=head_cfg.residual, tags=("deblurring", "image-restoration"))
 
     @classmethod
     def forward(cls, backbone: nn.Module, head: nn.Module, head_cfg: DeblurHeadConfig, x: torch.Tensor

@@ -17,7 +17,7 @@ from torch import nn
 
 from lsmfm.data.normalize import NormalizeConfig, normalize_channels
 from lsmfm.errors import InputError
-from lsmfm.tasks.base import Example, FinetuneTask, Scores, sliding_window
+from lsmfm.tasks.base import BioimageioOutput, Example, FinetuneTask, Scores, sliding_window
 from lsmfm.tasks.config import DataConfig, FinetuneConfig
 from lsmfm.tasks.data import Patch, load_split
 from lsmfm.tasks.outputs import write_prediction
@@ -116,6 +116,13 @@ class SegmentTask(FinetuneTask):
     @classmethod
     def card_lines(cls, task: Mapping[str, Any]) -> list[str]:
         return [f"Mask threshold on the foreground probability: {task['threshold']}"]
+
+    @classmethod
+    def bioimageio_output(cls, task: Mapping[str, Any], head_cfg: SegmentHeadConfig, in_channels: int
+                          ) -> BioimageioOutput:
+        return BioimageioOutput("mask", f"foreground mask: sigmoid probability > {task['threshold']}",
+                                ("foreground",), residual=False,
+                                tags=("segmentation", "semantic-segmentation"))
 
     @classmethod
     def predict_problem(cls, head_cfg: SegmentHeadConfig) -> str | None:

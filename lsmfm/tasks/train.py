@@ -162,6 +162,6 @@ def _log(writer: Any, step: int, values: dict[str, float]) -> None:
 def _writer(log_dir: Path | None) -> Any:
     if log_dir is None:
         return None
-    from torch.utils.tensorboard import SummaryWriter
+    from lsmfm.training.logging import tensorboard_writer
 
-    return SummaryWriter(str(log_dir))
+    return tensorboard_writer(log_dir)

@@ -57,15 +57,17 @@ def make_optimizer(param_groups: Sequence[dict[str, Any]], lr: float,
 
 def disable_shm_comm() -> None:
     """Keep DeepSpeed from compiling its shared-memory all-reduce op (gloo is used instead)."""
-    import deepspeed.ops
+    from lsmfm.extras import require
 
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    ops = require("deepspeed.ops", "train", "pretraining")
+    ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def initialize(model: nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict[str, Any]) -> Any:
     """Wrap `model` and `optimizer` in a DeepSpeed engine; the process group must already exist."""
-    import deepspeed
+    from lsmfm.extras import require
 
+    deepspeed = require("deepspeed", "train", "pretraining")
     disable_shm_comm()
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
                                            dist_init_required=False)

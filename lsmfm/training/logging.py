@@ -1,4 +1,5 @@
 """What a pretraining run reports, on rank 0 only: TensorBoard, a per-step loss file, a progress bar.
+TensorBoard (`pip install 'lsmfm[train]'`) is optional: without it runs go on without `tb/`, and say so.
 
 - `tb/`: scalars (loss terms, learning rates, EMA momentum, temperatures, collapse monitors: teacher
   entropy, feature std, CLIP top-1) and image panels (mid-depth slices of input / masked input /
@@ -12,12 +13,29 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 
+from lsmfm.errors import LsmfmWarning
 from lsmfm.io.atomic import atomic_write_text
+
+
+def tensorboard_writer(log_dir: str | Path, purge_step: int | None = None) -> Any:
+    """A TensorBoard `SummaryWriter` on `log_dir`, or None (with one warning) when tensorboard is not
+    installed: training and its other records (losses.jsonl, results.csv) go on without it."""
+    from lsmfm.extras import MissingExtra, require
+
+    try:
+        require("tensorboard", "train", "TensorBoard logging")
+    except MissingExtra as exc:
+        warnings.warn(LsmfmWarning(f"{exc}; training goes on without TensorBoard logs"), stacklevel=2)
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(str(log_dir), purge_step=purge_step)
 
 
 class RunLogger:
@@ -31,8 +49,6 @@ class RunLogger:
         self.bar: Any = None
         if not enabled:
             return
-        from torch.utils.tensorboard import SummaryWriter
-
         from lsmfm.progress import progress_bar
 
         self.losses_path = self.run_dir / "losses.jsonl"
@@ -40,7 +56,7 @@ class RunLogger:
         truncate_jsonl(self.losses_path, start_step)
         truncate_jsonl(self.validation_path, start_step)
         purge = start_step + 1 if start_step else None
-        self.writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=purge)
+        self.writer = tensorboard_writer(self.run_dir / "tb", purge_step=purge)
         self.bar = progress_bar(total=max_steps, initial=start_step, desc="pretrain", unit="step",
                                 enabled=progress)
 
@@ -65,14 +81,14 @@ class RunLogger:
 
     def scalars(self, step: int, values: Mapping[str, float]) -> None:
         """TensorBoard scalars, names like "loss/recon", "lr/backbone", "monitor/teacher_entropy"."""
-        if not self.enabled:
+        if not self.enabled or self.writer is None:
             return
         for name, value in values.items():
             self.writer.add_scalar(name, float(value), step)
 
     def images(self, step: int, visuals: Mapping[str, torch.Tensor]) -> None:
         """Each visual: an (H, W) slice, or a (B, C, D, H, W) volume's mid-depth plane of sample 0."""
-        if not self.enabled:
+        if not self.enabled or self.writer is None:
             return
         for name, volume in visuals.items():
             self.writer.add_image(f"slices/{name}", as_image(volume), step, dataformats="HW")
@@ -80,8 +96,9 @@ class RunLogger:
     def close(self) -> None:
         if not self.enabled:
             return
-        self.writer.flush()
-        self.writer.close()
+        if self.writer is not None:
+            self.writer.flush()
+            self.writer.close()
         self.bar.close()
 
 

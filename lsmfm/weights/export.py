@@ -150,10 +150,11 @@ def consolidate(tag_dir: Path) -> dict[str, torch.Tensor]:
 
     full = dict(load_torch_file(tag_dir / MODEL_STATES, deepspeed=True)["module"])
     if any(tag_dir.glob("*zero_pp_rank_*_optim_states.pt")):
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        from lsmfm.extras import require
 
+        zero = require("deepspeed.utils.zero_to_fp32", "train", "merging ZeRO checkpoint shards")
         with no_pickled_code(sorted(tag_dir.glob("*.pt"))):
-            full.update(get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name))
+            full.update(zero.get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name))
     return full
 
 

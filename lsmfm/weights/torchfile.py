@@ -62,6 +62,9 @@ def _monai_globals() -> list[Any]:
 
 
 def _deepspeed_globals() -> list[Any]:
+    from lsmfm.extras import require
+
+    require("deepspeed", "train", "reading DeepSpeed checkpoints")
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address

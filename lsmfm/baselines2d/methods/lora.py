@@ -21,7 +21,10 @@ def apply(model: Segmenter2D, cfg: PeftConfig) -> None:
 
 def add_peft_lora(model: Segmenter2D, cfg: PeftConfig) -> None:
     """peft's LoRA, injected in place into the encoder's q and v projections (exact module paths)."""
-    from peft import LoraConfig, inject_adapter_in_model
+    from lsmfm.extras import require
+
+    peft = require("peft", "baselines", "the LoRA baselines")
+    LoraConfig, inject_adapter_in_model = peft.LoraConfig, peft.inject_adapter_in_model
 
     layout = model.layout
     prefix = model.layers_path.replace(".", r"\.")

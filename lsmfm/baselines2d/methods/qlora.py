@@ -13,19 +13,13 @@ from lsmfm.baselines2d.config import PeftConfig
 from lsmfm.baselines2d.methods import lora
 from lsmfm.baselines2d.methods.common import set_part
 from lsmfm.baselines2d.models.base import Segmenter2D
-from lsmfm.errors import ConfigError
 
 
 def bitsandbytes() -> Any:
-    """The bitsandbytes module, or a ConfigError that says how to install it."""
-    try:
-        import bitsandbytes as bnb
-    except ImportError as exc:
-        raise ConfigError(
-            "peft.method=qlora needs bitsandbytes, which is not installed: "
-            "pip install 'lsmfm[qlora]' (or choose peft.method=lora)"
-        ) from exc
-    return bnb
+    """The bitsandbytes module, or a MissingExtra that says how to install it."""
+    from lsmfm.extras import require
+
+    return require("bitsandbytes", "qlora", "peft.method=qlora (or choose peft.method=lora)")
 
 
 def quantize_linear(linear: nn.Linear, quant_type: str) -> nn.Module:

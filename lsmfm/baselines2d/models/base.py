@@ -181,6 +181,13 @@ class LightHead(nn.Module):
         return F.interpolate(self.out(x), size=pixels.shape[-2:], mode="bilinear", align_corners=False)
 
 
+def transformers_module() -> Any:
+    """`transformers`, which every 2D baseline encoder comes from (`pip install 'lsmfm[baselines]'`)."""
+    from lsmfm.extras import require
+
+    return require("transformers", "baselines", "the 2D baselines")
+
+
 def load_hf(cls: Any, weights: str) -> Any:
     """`cls.from_pretrained(weights)` (a folder or hub id), with an error that names the source."""
     try:

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from lsmfm.baselines2d.config import ModelConfig
-from lsmfm.baselines2d.models.base import BlockLayout, TokenSegmenter, check_input_size, load_hf
+from lsmfm.baselines2d.models.base import BlockLayout, TokenSegmenter, check_input_size, load_hf, transformers_module
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -62,13 +62,13 @@ class ClipSegmenter(TokenSegmenter):
 
 def build_clip(cfg: ModelConfig) -> ClipSegmenter:
     """CLIP vision tower from `cfg.weights` (e.g. openai/clip-vit-base-patch16) or random weights."""
-    from transformers import CLIPVisionConfig, CLIPVisionModel
+    transformers = transformers_module()
 
     if cfg.weights:
-        encoder = load_hf(CLIPVisionModel, cfg.weights)
+        encoder = load_hf(transformers.CLIPVisionModel, cfg.weights)
     else:
         torch.manual_seed(cfg.init_seed)
-        encoder = CLIPVisionModel(CLIPVisionConfig(**CLIP_SIZES[cfg.size]))
+        encoder = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**CLIP_SIZES[cfg.size]))
     patch = int(encoder.config.patch_size)
     size = check_input_size("clip", cfg.input_size or int(encoder.config.image_size), patch)
     return ClipSegmenter(encoder, size, patch, CLIP_MEAN, CLIP_STD)

@@ -14,6 +14,7 @@ from lsmfm.baselines2d.models.base import (
     TokenSegmenter,
     check_input_size,
     load_hf,
+    transformers_module,
 )
 from lsmfm.errors import ConfigError
 
@@ -96,9 +97,9 @@ class Dinov3Segmenter(TokenSegmenter):
 
 def build_dinov2(cfg: ModelConfig) -> Dinov2Segmenter:
     """DINOv2 from `cfg.weights` (e.g. facebook/dinov2-base) or random weights of `cfg.size`."""
-    from transformers import Dinov2Config, Dinov2Model
+    transformers = transformers_module()
 
-    encoder = _build(cfg, Dinov2Model, Dinov2Config, DINOV2_SIZES, "dinov2 comes in vit_s/b/l/g")
+    encoder = _build(cfg, transformers.Dinov2Model, transformers.Dinov2Config, DINOV2_SIZES, "dinov2 comes in vit_s/b/l/g")
     patch = int(encoder.config.patch_size)
     size = check_input_size("dinov2", cfg.input_size or int(encoder.config.image_size), patch)
     return Dinov2Segmenter(encoder, size, patch, IMAGENET_MEAN, IMAGENET_STD)
@@ -106,9 +107,9 @@ def build_dinov2(cfg: ModelConfig) -> Dinov2Segmenter:
 
 def build_dinov3(cfg: ModelConfig) -> Dinov3Segmenter:
     """DINOv3 from `cfg.weights` (e.g. facebook/dinov3-vitb16-pretrain-lvd1689m) or random weights."""
-    from transformers import DINOv3ViTConfig, DINOv3ViTModel
+    transformers = transformers_module()
 
-    encoder = _build(cfg, DINOv3ViTModel, DINOv3ViTConfig, DINOV3_SIZES, "")
+    encoder = _build(cfg, transformers.DINOv3ViTModel, transformers.DINOv3ViTConfig, DINOV3_SIZES, "")
     size = check_input_size(
         "dinov3", cfg.input_size or int(encoder.config.image_size), int(encoder.config.patch_size)
     )

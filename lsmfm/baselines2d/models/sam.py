@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lsmfm.baselines2d.config import ModelConfig
-from lsmfm.baselines2d.models.base import IMAGENET_MEAN, IMAGENET_STD, BlockLayout, Segmenter2D, load_hf
+from lsmfm.baselines2d.models.base import IMAGENET_MEAN, IMAGENET_STD, BlockLayout, Segmenter2D, load_hf, transformers_module
 from lsmfm.errors import ConfigError, InputError
 
 # Vision-encoder settings per size (ViT-B is transformers' default SamConfig); "tiny" is for tests and demos.
@@ -57,21 +57,20 @@ SAM_SIZES: dict[str, dict[str, Any]] = {
 def sam_config(size: str, input_size: int = 0) -> Any:
     """transformers SamConfig for `size`; random encoders use init std 0.02 (SAM's default 1e-10 would
     make them constant)."""
-    from transformers import SamConfig
 
     spec = SAM_SIZES[size]
     vision = {"initializer_range": 0.02, **spec["vision"]}
     prompt = dict(spec.get("prompt", {}))
     if input_size:
         vision["image_size"] = prompt["image_size"] = input_size
-    return SamConfig(
+    return transformers_module().SamConfig(
         vision_config=vision, prompt_encoder_config=prompt, mask_decoder_config=spec.get("decoder", {})
     )
 
 
 def build_sam(cfg: ModelConfig) -> SamSegmenter:
     """SAM from `cfg.weights` (transformers format) or random weights of `cfg.size`."""
-    from transformers import SamModel
+    SamModel = transformers_module().SamModel
 
     if cfg.weights:
         sam = load_hf(SamModel, cfg.weights)

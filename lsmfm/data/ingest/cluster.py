@@ -26,10 +26,10 @@ def dask_client(address: str | None = None, workers: int | None = None, memory_l
         return
     if workers is not None and workers < 1:
         raise ConfigError(f"--workers must be >= 1, got {workers}")
-    try:
-        from distributed import Client, LocalCluster
-    except ImportError as exc:  # pragma: no cover - a dependency of lsmfm
-        raise ConfigError("dask.distributed is not installed: pip install distributed") from exc
+    from lsmfm.extras import require
+
+    distributed = require("distributed", "cluster", "ingest on a Dask cluster (--workers, --dask-address)")
+    Client, LocalCluster = distributed.Client, distributed.LocalCluster
     with contextlib.ExitStack() as stack:
         if address:
             try:

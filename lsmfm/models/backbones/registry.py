@@ -73,6 +73,11 @@ class BackboneConfig:
         """One line for model cards: the architecture and its arguments."""
         raise NotImplementedError
 
+    def monai_network(self) -> tuple[str, dict[str, Any]] | None:
+        """(class name in `monai.networks.nets`, its keyword arguments) when the network is exactly that
+        MONAI class, so a file that imports only MONAI rebuilds it (bioimage.io packages); else None."""
+        return None
+
     @classmethod
     def from_paper_state(cls, state: Mapping[str, Any], path: str | Path,
                          hp: Mapping[str, Any]) -> BackboneConfig | None:

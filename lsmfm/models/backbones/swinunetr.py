@@ -44,6 +44,11 @@ class SwinUNETRConfig(BackboneConfig):
     def build(self) -> SwinUNETRBackbone:
         return SwinUNETRBackbone(self)
 
+    def monai_network(self) -> tuple[str, dict[str, Any]]:
+        return "SwinUNETR", {"in_channels": self.in_channels, "out_channels": self.out_channels,
+                             "feature_size": self.feature_size, "use_checkpoint": self.use_checkpoint,
+                             "norm_name": self.norm, "spatial_dims": 3}
+
     def card_line(self) -> str:
         return (f"MONAI SwinUNETR, feature_size {self.feature_size}, {self.norm} norm, "
                 f"{self.out_channels} output channels")
@@ -66,9 +71,7 @@ class SwinUNETRBackbone(Backbone, SwinUNETR):
     """MONAI SwinUNETR whose output channels are the dense feature dimension."""
 
     def __init__(self, config: SwinUNETRConfig) -> None:
-        SwinUNETR.__init__(self, in_channels=config.in_channels, out_channels=config.out_channels,
-                           feature_size=config.feature_size, use_checkpoint=config.use_checkpoint,
-                           norm_name=config.norm, spatial_dims=3)
+        SwinUNETR.__init__(self, **config.monai_network()[1])
         self.config = config
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

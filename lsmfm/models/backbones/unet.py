@@ -49,6 +49,11 @@ class UNetConfig(BackboneConfig):
     def build(self) -> UNetBackbone:
         return UNetBackbone(self)
 
+    def monai_network(self) -> tuple[str, dict[str, Any]]:
+        return "UNet", {"spatial_dims": 3, "in_channels": self.in_channels, "out_channels": self.out_channels,
+                        "channels": list(self.channels), "strides": list(self.strides),
+                        "num_res_units": self.num_res_units, "norm": self.norm}
+
     def card_line(self) -> str:
         return (f"MONAI UNet, channels {'-'.join(map(str, self.channels))}, "
                 f"strides {'-'.join(map(str, self.strides))}, residual units {self.num_res_units}, "
@@ -94,9 +99,7 @@ class UNetBackbone(Backbone, UNet):
     """MONAI UNet whose output channels are the dense feature dimension."""
 
     def __init__(self, config: UNetConfig) -> None:
-        UNet.__init__(self, spatial_dims=3, in_channels=config.in_channels, out_channels=config.out_channels,
-                      channels=list(config.channels), strides=list(config.strides),
-                      num_res_units=config.num_res_units, norm=config.norm)
+        UNet.__init__(self, **config.monai_network()[1])
         self.config = config
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
