@@ -182,6 +182,7 @@ def test_deblur_package_passes_and_maps_back_to_lsmfm_predict(tmp_path):
     assert not np.allclose(theirs, np.clip((image[0, 0] - lo) / (hi - lo), 0, 1), atol=1e-6)  # it did learn
 
 
+@pytest.mark.slow
 def test_swinunetr_is_traced_at_its_patch_size(tmp_path):
     from lsmfm.models.backbones.swinunetr import SwinUNETRConfig
     from lsmfm.tasks.models import build_task_model, save_task_model
@@ -210,7 +211,10 @@ def test_export_refusals_are_one_line(segment_model, segment_package, tmp_path, 
              ([str(segment_model), "--out", str(segment_package)], "already exists"),
              ([str(segment_model), "--out", str(tmp_path / "m.tar")], "is a .zip file"),
              ([str(segment_model), "--out", str(tmp_path / "n.zip"), "--test-input", str(tmp_path / "no.tif")],
-              "no.tif")]
+              "no.tif"),
+             ([str(segment_model), "--out", str(tmp_path / "n.zip"), "--license", "MIT-ish"],
+              "not an SPDX licence identifier"),
+             ([str(segment_model), "--out", str(tmp_path / "n.zip"), "--name", "a/b"], "--name 'a/b'")]
     for argv, problem in cases:
         assert main(["export", "--format", "bioimageio", *argv]) == 1
         err = capsys.readouterr().err.strip()
@@ -218,6 +222,7 @@ def test_export_refusals_are_one_line(segment_model, segment_package, tmp_path, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cls"]
 
 
+@pytest.mark.slow
 def test_light_install_finetunes_predicts_and_exports_without_heavy_extras(tmp_path):
     """What `pip install 'lsmfm[bioimageio]'` without train/text/baselines/cluster runs: deepspeed,
     transformers, peft, tensorboard and distributed all fail to import in this process."""

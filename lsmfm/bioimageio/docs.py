@@ -15,13 +15,16 @@ if TYPE_CHECKING:
 NAME_CHARACTERS = re.compile(r"[^A-Za-z0-9_+\- ()]")
 
 
+def check_name(name: str | None) -> None:
+    """A package name bioimage.io accepts: 5 to 128 letters, digits, spaces or `_+-()`."""
+    if name is not None and (NAME_CHARACTERS.search(name) or not 5 <= len(name) <= 128):
+        raise ConfigError(f"--name {name!r}: 5 to 128 letters, digits, spaces or _+-() only")
+
+
 def package_name(parts: Parts, opts: PackageOptions) -> str:
     """The package name: `opts.name`, or e.g. "lsmfm segment UNet (light-sheet 3D)"."""
-    if opts.name is not None:
-        if NAME_CHARACTERS.search(opts.name) or not 5 <= len(opts.name) <= 128:
-            raise ConfigError(f"--name {opts.name!r}: 5 to 128 letters, digits, spaces or _+-() only")
-        return opts.name
-    return f"lsmfm {parts.config.task['name']} {parts.network[0]} (light-sheet 3D)"
+    check_name(opts.name)
+    return opts.name or f"lsmfm {parts.config.task['name']} {parts.network[0]} (light-sheet 3D)"
 
 
 def description(parts: Parts) -> str:

@@ -18,7 +18,6 @@ The package (current bioimage.io model spec, validated by `bioimageio.spec` befo
 """
 from __future__ import annotations
 
-import dataclasses
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lsmfm.errors import InputError
+from lsmfm.errors import ConfigError, InputError
 from lsmfm.extras import require
 
 NETWORK_SOURCE = Path(__file__).with_name("network.py")
@@ -67,6 +66,7 @@ class Parts:
 def export_bioimageio(model_dir: str | Path, out: str | Path, opts: PackageOptions = PackageOptions(),
                       overwrite: bool = False) -> Path:
     """Write the bioimage.io package of a finetuned model folder to `out` (a .zip), atomically."""
+    from lsmfm.bioimageio.docs import check_name
     from lsmfm.bioimageio.tensors import make_test_input, make_test_output
     from lsmfm.io.atomic import atomic_path
     from lsmfm.io.lock import output_lock
@@ -77,6 +77,8 @@ def export_bioimageio(model_dir: str | Path, out: str | Path, opts: PackageOptio
         raise InputError(target, "a bioimage.io package is a .zip file; name --out like model.zip")
     if target.exists() and not overwrite:
         raise InputError(target, "already exists; choose another --out or pass --overwrite")
+    check_name(opts.name)
+    _check_license(opts.license)
     parts = _parts(model_dir)
     image = make_test_input(parts.config, opts.test_input)
     expected = make_test_output(parts.model, parts.config, image, parts.threshold)
@@ -84,11 +86,21 @@ def export_bioimageio(model_dir: str | Path, out: str | Path, opts: PackageOptio
         folder = Path(work)
         parts.scripted = _write_weights(folder, parts, image)
         _write_files(folder, Path(model_dir), parts, image, expected)
-        rdf = rdf_content(parts, opts, image.shape)
+        rdf = rdf_content(parts, opts)
         descr = _validated(spec, rdf, folder)
         with atomic_path(target) as tmp:
             spec.save_bioimageio_package(descr, output_path=tmp)
     return target
+
+
+def _check_license(license_id: str) -> None:
+    from bioimageio.spec.model.v0_5 import LicenseId
+
+    try:
+        LicenseId(license_id)
+    except ValueError as exc:
+        raise ConfigError(f"--license {license_id!r}: not an SPDX licence identifier "
+                          "(https://spdx.org/licenses/), e.g. MIT, CC-BY-4.0, BSD-3-Clause") from exc
 
 
 def _parts(model_dir: str | Path) -> Parts:
@@ -160,10 +172,10 @@ def _write_files(folder: Path, model_dir: Path, parts: Parts, image: np.ndarray,
     write_cover(folder / "cover.png", image, expected, parts.output.id)
     (folder / "README.md").write_text(documentation(model_dir, parts))
     (folder / "environment.yaml").write_text(environment_yaml())
-    (folder / "config.json").write_text(dataclasses.replace(parts.config).to_json())
+    (folder / "config.json").write_text(parts.config.to_json())
 
 
-def rdf_content(parts: Parts, opts: PackageOptions, shape: tuple[int, ...]) -> dict[str, Any]:
+def rdf_content(parts: Parts, opts: PackageOptions) -> dict[str, Any]:
     """The rdf.yaml as a mapping (file paths relative to the package folder)."""
     from lsmfm.bioimageio.docs import description, metadata
 
@@ -232,11 +244,20 @@ def _weights(parts: Parts) -> dict[str, Any]:
                             "parent": "pytorch_state_dict"}}
 
 
+USER_FIELDS = {"license": "--license", "name": "--name", "authors": "--author"}
+
+
 def _validated(spec: Any, rdf: dict[str, Any], folder: Path) -> Any:
-    """The validated description (sha256 of every file computed); an invalid one is a bug in lsmfm."""
+    """The validated description (sha256 of every file computed). A rejected --license, --name or
+    --author is the user's to fix (ConfigError); any other rejection is a bug in lsmfm."""
     context = spec.ValidationContext(root=folder, file_name="rdf.yaml", perform_io_checks=True)
     descr = spec.build_description(rdf, context=context)
-    if descr.validation_summary.status != "valid-format":
-        errors = "; ".join(f"{'.'.join(map(str, e.loc))}: {e.msg}" for e in descr.validation_summary.errors)
-        raise RuntimeError(f"bioimage.io rejected the package lsmfm built: {errors}")
-    return descr
+    errors = descr.validation_summary.errors
+    if descr.validation_summary.status == "valid-format":
+        return descr
+    for e in errors:
+        if e.loc and e.loc[0] in USER_FIELDS:
+            raise ConfigError(f"{USER_FIELDS[e.loc[0]]} {rdf[e.loc[0]]!r}: bioimage.io refuses it: "
+                              f"{e.msg[:200]}")
+    text = "; ".join(f"{'.'.join(map(str, e.loc))}: {e.msg}" for e in errors)
+    raise RuntimeError(f"bioimage.io rejected the package lsmfm built: {text}")
