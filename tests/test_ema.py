@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from lsmfm.training import schedules
-from lsmfm.training.ema import update_ema
+from lsmfm.training.ema import EmaUpdater
 
 
 def pair() -> tuple[nn.Module, nn.Module]:
@@ -24,18 +24,36 @@ def pair() -> tuple[nn.Module, nn.Module]:
 
 def test_update_is_momentum_average_of_every_parameter():
     teacher, student = pair()
-    update_ema(teacher, student, 0.75)
+    ema = EmaUpdater(teacher, student)
+    ema(0.75)
     for p in teacher.parameters():
         assert torch.allclose(p, torch.full_like(p, 0.75 * 1.0 + 0.25 * 3.0))
-    update_ema(teacher, student, 1.0)
+    ema(1.0)
     assert torch.allclose(teacher[0].weight, torch.full_like(teacher[0].weight, 1.5))
+
+
+def test_cached_lists_follow_the_parameters_when_their_storage_is_replaced():
+    """DeepSpeed ZeRO re-points `param.data` into flat buffers after the model is built."""
+    teacher, student = pair()
+    ema = EmaUpdater(teacher, student)
+    student[0].weight.data = torch.full((2, 3), 5.0)
+    teacher[0].weight.data = torch.full((2, 3), 1.0)
+    ema(0.5)
+    assert torch.equal(teacher[0].weight, torch.full((2, 3), 3.0))
+
+
+def test_student_in_another_dtype_is_cast():
+    teacher, student = pair()
+    student.to(torch.float64)
+    EmaUpdater(teacher, student)(0.5)
+    assert teacher[0].weight.dtype == torch.float32 and torch.allclose(teacher[0].weight, torch.full((2, 3), 2.0))
 
 
 def test_normalisation_buffers_are_the_teachers_own():
     teacher, student = pair()
     student[1].running_mean.fill_(5.0)
     student[1].running_var.fill_(7.0)
-    update_ema(teacher, student, 0.5)
+    EmaUpdater(teacher, student)(0.5)
     assert torch.equal(teacher[1].running_mean, torch.zeros(2))
     assert torch.equal(teacher[1].running_var, torch.ones(2))
 
@@ -43,9 +61,9 @@ def test_normalisation_buffers_are_the_teachers_own():
 def test_mismatched_structure_and_bad_momentum_raise():
     teacher, student = pair()
     with pytest.raises(KeyError):
-        update_ema(student, teacher, 0.5)
+        EmaUpdater(student, teacher)
     with pytest.raises(ValueError):
-        update_ema(teacher, student, 1.5)
+        EmaUpdater(teacher, student)(1.5)
 
 
 def test_cosine_momentum_schedule():

@@ -182,3 +182,35 @@ def test_short_run_reconstruction_falls_and_monitors_stay_healthy(tiny_bert):
     assert all(m["teacher_entropy"] > 0.1 * math.log(64) for m in monitors[-10:])
     assert all(m["feature_std"] > 0.05 for m in monitors[-10:])
     assert model.teacher_updates == steps
+
+
+def test_report_off_computes_the_same_loss_without_monitors_or_visuals():
+    """The trainer asks for monitors only at log steps; the loss must not depend on it."""
+    import copy
+
+    model = SSLModel(tiny_config(None))
+    twin = copy.deepcopy(model)  # same weights and centres
+    torch.manual_seed(3)
+    full = model(blobs(2), None, step=0, max_steps=10)
+    torch.manual_seed(3)
+    lean = twin(blobs(2), None, step=0, max_steps=10, report=False)
+    assert lean.monitors == {} and lean.visuals == {}
+    assert set(full.monitors) >= {"teacher_entropy", "feature_std", "mask_ratio"}
+    assert torch.equal(full.loss, lean.loss)
+
+
+@pytest.mark.parametrize("off, head, term", [
+    ({"recon": ReconConfig(weight=0.0)}, "recon_head", "recon"),
+    ({"distill": DistillConfig(weight=0.0, n_prototypes=64)}, "dense_head", "distill"),
+    ({"distill": DistillConfig(global_weight=0.0, n_prototypes=64)}, "global_head", "distill_global"),
+])
+def test_a_term_with_weight_zero_builds_no_head_and_costs_nothing(off, head, term):
+    base = tiny_config(None)
+    cfg = SSLConfig(**{**{k: getattr(base, k) for k in ("backbone", "use_text", "masking", "distill")}, **off})
+    model = SSLModel(cfg)
+    assert getattr(model.student, head) is None and getattr(model.teacher, head) is None
+    out = model(blobs(1), None, step=0, max_steps=10)
+    assert term not in out.terms and out.terms and torch.isfinite(out.loss)
+    out.loss.backward()
+    assert model.student.backbone.model[0].conv.unit0.conv.weight.grad is not None
+    model.update_teacher(0.9)

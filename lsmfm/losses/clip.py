@@ -49,11 +49,12 @@ def gather_with_local_grad(x: torch.Tensor) -> torch.Tensor:
 @dataclass
 class ClipResult:
     """loss: symmetric InfoNCE over the global batch; align: mean (1 - cosine) of the local pairs;
-    top1: image-to-text retrieval accuracy in the global batch (a same-text hit counts as correct)."""
+    top1: image-to-text retrieval accuracy in the global batch (a same-text hit counts as correct), a 0-d
+    tensor left on the device (reading it is a host sync)."""
 
     loss: torch.Tensor
     align: torch.Tensor
-    top1: float
+    top1: torch.Tensor
 
 
 class ClipLoss(nn.Module):
@@ -100,4 +101,4 @@ class ClipLoss(nn.Module):
         loss = 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
         with torch.no_grad():
             hit = same.gather(1, logits.argmax(dim=1, keepdim=True))
-        return ClipResult(loss=loss, align=align, top1=float(hit.float().mean()))
+        return ClipResult(loss=loss, align=align, top1=hit.float().mean())

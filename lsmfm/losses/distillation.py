@@ -3,7 +3,10 @@
 The student sees the masked patch, the teacher the full one; both are projected onto K prototypes.
 Two mechanisms keep the representation from collapsing (both missing from the paper's code):
 - centring: an EMA of the teacher's mean logits (all-reduced across ranks) is subtracted before the
-  softmax, so no single prototype can dominate for every input;
+  softmax, so no single prototype can dominate for every input. As in dinov2's `iBOTPatchLoss`
+  (`reduce_center_update` / `apply_center_update`), the all-reduce is started without waiting and the
+  update is applied when the centre is next needed (the next targets, or `state_dict`), so the
+  reduction overlaps the backward pass and no step waits on the host for it;
 - sharpening: the teacher's temperature is below the student's, so its targets stay confident instead
   of drifting to the uniform distribution.
 
@@ -15,6 +18,8 @@ Example:
     >>> value = loss(torch.randn(8, 4), t); loss.update_centre(torch.randn(8, 4))
 """
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -32,6 +37,7 @@ class DistillationLoss(nn.Module):
     """
 
     centre: torch.Tensor
+    _pending: tuple[torch.Tensor, Any] | None
 
     def __init__(self, n_prototypes: int, student_temp: float = 0.1, centre_momentum: float = 0.9) -> None:
         super().__init__()
@@ -42,10 +48,14 @@ class DistillationLoss(nn.Module):
         self.student_temp = student_temp
         self.centre_momentum = centre_momentum
         self.register_buffer("centre", torch.zeros(1, n_prototypes))
+        self._pending = None
+        self.register_state_dict_pre_hook(lambda module, prefix, keep_vars: module.apply_pending())
+        self.register_load_state_dict_pre_hook(lambda module, *args: module.apply_pending())
 
     @torch.no_grad()
     def teacher_targets(self, teacher_logits: torch.Tensor, teacher_temp: float) -> torch.Tensor:
         """softmax((teacher_logits - centre) / teacher_temp), rows of (N, K), no gradient."""
+        self.apply_pending()
         return F.softmax((teacher_logits.float() - self.centre) / teacher_temp, dim=-1)
 
     def forward(self, student_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -60,15 +70,34 @@ class DistillationLoss(nn.Module):
 
     @torch.no_grad()
     def update_centre(self, teacher_logits: torch.Tensor) -> None:
-        """centre <- m * centre + (1 - m) * mean of the teacher logits over all rows of all ranks."""
-        total = teacher_logits.float().sum(dim=0, keepdim=True)
-        count = torch.tensor([float(teacher_logits.shape[0])], device=total.device)
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(total)
-            dist.all_reduce(count)
-        if count.item() == 0:
+        """centre <- m * centre + (1 - m) * mean of the teacher logits over all rows of all ranks.
+
+        Across ranks the sums and row counts are all-reduced in the background; the update lands at the
+        next `teacher_targets`, `apply_pending` or `state_dict`. No rows on any rank: no update.
+        """
+        self.apply_pending()
+        count = torch.full((1, 1), float(teacher_logits.shape[0]), device=teacher_logits.device)
+        stats = torch.cat([teacher_logits.float().sum(dim=0, keepdim=True), count], dim=1)
+        work = None
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            work = dist.all_reduce(stats, async_op=True)
+        self._pending = (stats, work)
+        if work is None:
+            self.apply_pending()
+
+    @torch.no_grad()
+    def apply_pending(self) -> None:
+        """Wait for a started centre update and apply it (a no-op when none is pending)."""
+        if self._pending is None:
             return
-        self.centre.mul_(self.centre_momentum).add_(total / count, alpha=1.0 - self.centre_momentum)
+        stats, work = self._pending
+        self._pending = None
+        if work is not None:
+            work.wait()
+        total, count = stats[:, :-1], stats[0, -1:]
+        updated = self.centre.mul(self.centre_momentum).add(total / count.clamp(min=1.0),
+                                                             alpha=1.0 - self.centre_momentum)
+        self.centre.copy_(torch.where(count > 0, updated, self.centre))
 
 
 def entropy(probs: torch.Tensor) -> torch.Tensor:

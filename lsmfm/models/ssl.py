@@ -37,7 +37,7 @@ from lsmfm.models.heads import ProjectionHead, ReconstructionHead, embedding_hea
 from lsmfm.models.masking import MaskConfig, apply_mask, block_mask
 from lsmfm.models.text import TextConfig, TextEncoder
 from lsmfm.training import schedules
-from lsmfm.training.ema import update_ema
+from lsmfm.training.ema import EmaUpdater
 
 
 @dataclass
@@ -139,21 +139,27 @@ class SSLConfig:
             raise ValueError(f"loss weights must be >= 0, got {weights}")
 
 
+Monitors = dict[str, torch.Tensor | float]
+
+
 @dataclass
 class SSLOutput:
-    """loss: weighted total; terms: unweighted loss terms; monitors: floats for logging (collapse
-    monitors, temperatures, achieved mask ratio); visuals: (H, W) middle slices of sample 0."""
+    """loss: weighted total; terms: unweighted loss terms (those with a weight above 0); monitors:
+    scalars for logging (collapse monitors, temperatures, achieved mask ratio; 0-d tensors stay on the
+    device until the logger reads them); visuals: (H, W) middle slices of sample 0. Monitors and
+    visuals are empty unless the forward was asked to `report`."""
 
     loss: torch.Tensor
     terms: dict[str, torch.Tensor]
-    monitors: dict[str, float]
+    monitors: Monitors
     visuals: dict[str, torch.Tensor]
 
 
 class Branch(nn.Module):
-    """A backbone with its projection heads; the student also carries the decoder and image projection."""
+    """A backbone with its projection heads; the student also carries the decoder and image projection.
+    A head whose loss weight is 0 is not built (None)."""
 
-    def __init__(self, backbone: nn.Module, dense_head: nn.Module, global_head: nn.Module,
+    def __init__(self, backbone: nn.Module, dense_head: nn.Module | None, global_head: nn.Module | None,
                  recon_head: nn.Module | None = None, image_proj: nn.Module | None = None) -> None:
         super().__init__()
         self.backbone = backbone
@@ -194,9 +200,11 @@ class SSLModel(nn.Module):
         use_clip = config.use_text and config.clip.weight + config.clip.align_weight > 0
         self.student = Branch(
             build_backbone(config.backbone),
-            ProjectionHead(c, d.n_prototypes, d.hidden_dim, d.bottleneck_dim),
-            ProjectionHead(c, d.n_prototypes, d.hidden_dim, d.bottleneck_dim),
-            ReconstructionHead(c, config.backbone.in_channels, config.recon.hidden_dim, config.recon.decoder),
+            ProjectionHead(c, d.n_prototypes, d.hidden_dim, d.bottleneck_dim) if d.weight > 0 else None,
+            (ProjectionHead(c, d.n_prototypes, d.hidden_dim, d.bottleneck_dim)
+             if d.global_weight > 0 else None),
+            ReconstructionHead(c, config.backbone.in_channels, config.recon.hidden_dim, config.recon.decoder)
+            if config.recon.weight > 0 else None,
             embedding_head(config.clip.head, c, config.clip.embed_dim) if use_clip else None,
         )
         self.teacher = Branch(copy.deepcopy(self.student.backbone), copy.deepcopy(self.student.dense_head),
@@ -212,6 +220,7 @@ class SSLModel(nn.Module):
         self.clip_loss = (ClipLoss(config.clip.init_temperature, config.clip.max_logit_scale,
                                    config.clip.align_detach_text) if use_clip else None)
         self.teacher_updates = 0
+        self._ema: EmaUpdater | None = None
 
     # ---- schedules the trainer asks for -------------------------------------------------------------
     def teacher_momentum(self, step: int, max_steps: int) -> float:
@@ -264,13 +273,19 @@ class SSLModel(nn.Module):
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:
         """EMA of the student into the teacher; call exactly once per optimizer step."""
-        update_ema(self.teacher, self.student, momentum)
+        if self._ema is None:  # paired once, after the engine has placed the parameters
+            self._ema = EmaUpdater(self.teacher, self.student)
+        self._ema(momentum)
         self.teacher_updates += 1
 
     # ---- forward ------------------------------------------------------------------------------------
-    def forward(self, images: torch.Tensor, texts: Sequence[str] | None, step: int,
-                max_steps: int) -> SSLOutput:
-        """All loss terms for one batch of patches (B, C, D, H, W) and their descriptions."""
+    def forward(self, images: torch.Tensor, texts: Sequence[str] | None, step: int, max_steps: int,
+                report: bool = True) -> SSLOutput:
+        """All loss terms for one batch of patches (B, C, D, H, W) and their descriptions.
+
+        report: also compute the monitors and visuals (the trainer asks only at the steps it logs).
+        Terms whose weight is 0 are neither computed nor returned.
+        """
         if self.text_encoder is not None and (texts is None or len(texts) != images.shape[0]):
             raise ValueError(f"use_text is on: need one description per patch, got {texts!r:.80} for "
                              f"{images.shape[0]} patches")
@@ -282,50 +297,72 @@ class SSLModel(nn.Module):
         feats = self.student.backbone(masked)
         with torch.no_grad():
             t_feats = self.teacher.backbone(images)
-        recon = self.student.recon_head(feats)
-        terms = {"recon": self.recon_loss(recon, images, mask)}
-        monitors = {"mask_ratio": float(mask.float().mean()), "teacher_temp": self.teacher_temp(step),
-                    "student_temp": cfg.distill.student_temp}
-        self._distill_terms(feats, t_feats, mask, step, terms, monitors)
+        terms: dict[str, torch.Tensor] = {}
+        monitors: Monitors = {}
+        recon = self.student.recon_head(feats) if self.student.recon_head is not None else None
+        if recon is not None:
+            terms["recon"] = self.recon_loss(recon, images, mask)
+        if report:
+            monitors.update(mask_ratio=mask.float().mean(), teacher_temp=self.teacher_temp(step),
+                            student_temp=cfg.distill.student_temp)
+        self._distill_terms(feats, t_feats, mask, step, terms, monitors if report else None)
         if self.text_encoder is not None:
-            self._clip_terms(feats, texts, step, terms, monitors)
+            self._clip_terms(feats, texts, step, terms, monitors if report else None)
         weights = self.loss_weights()
         loss = sum(weights[k] * v for k, v in terms.items())
-        mid = images.shape[2] // 2
-        visuals = {"input": images[0, 0, mid].detach().float(), "masked": masked[0, 0, mid].detach().float(),
-                   "reconstruction": recon[0, 0, mid].detach().float()}
+        visuals = self._visuals(images, masked, recon) if report else {}
         return SSLOutput(loss=loss, terms=terms, monitors=monitors, visuals=visuals)
 
+    @staticmethod
+    def _visuals(images: torch.Tensor, masked: torch.Tensor,
+                 recon: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        mid = images.shape[2] // 2
+        visuals = {"input": images[0, 0, mid].detach().float(), "masked": masked[0, 0, mid].detach().float()}
+        if recon is not None:
+            visuals["reconstruction"] = recon[0, 0, mid].detach().float()
+        return visuals
+
     def _distill_terms(self, feats: torch.Tensor, t_feats: torch.Tensor, mask: torch.Tensor, step: int,
-                       terms: dict[str, torch.Tensor], monitors: dict[str, float]) -> None:
+                       terms: dict[str, torch.Tensor], monitors: Monitors | None) -> None:
         """Dense term on sampled masked voxels and global term on pooled embeddings; updates the centres."""
         temp = self.teacher_temp(step)
+        if self.student.dense_head is not None:
+            self._dense_term(feats, t_feats, mask, temp, terms, monitors)
+        if self.student.global_head is not None:
+            with torch.no_grad():
+                t_global = self.teacher.global_head(t_feats.mean(dim=(2, 3, 4)))
+                g_targets = self.global_loss.teacher_targets(t_global, temp)
+            s_global = self.student.global_head(feats.mean(dim=(2, 3, 4)))
+            terms["distill_global"] = self.global_loss(s_global, g_targets)
+            if self.training:
+                self.global_loss.update_centre(t_global)
+            if monitors is not None:
+                monitors["teacher_entropy_global"] = entropy(g_targets)
+
+    def _dense_term(self, feats: torch.Tensor, t_feats: torch.Tensor, mask: torch.Tensor, temp: float,
+                    terms: dict[str, torch.Tensor], monitors: Monitors | None) -> None:
         idx, valid = sample_masked_voxels(mask, self.config.distill.n_voxels)
         s_vox = gather_voxels(feats, idx, valid)
         with torch.no_grad():
             t_logits = self.teacher.dense_head(gather_voxels(t_feats, idx, valid))
-            t_global = self.teacher.global_head(t_feats.mean(dim=(2, 3, 4)))
             targets = self.dense_loss.teacher_targets(t_logits, temp)
-            g_targets = self.global_loss.teacher_targets(t_global, temp)
         terms["distill"] = self.dense_loss(self.student.dense_head(s_vox), targets)
-        s_global = self.student.global_head(feats.mean(dim=(2, 3, 4)))
-        terms["distill_global"] = self.global_loss(s_global, g_targets)
         if self.training:
             self.dense_loss.update_centre(t_logits)
-            self.global_loss.update_centre(t_global)
-        with torch.no_grad():
-            monitors["teacher_entropy"] = float(entropy(targets)) if len(targets) else 0.0
-            monitors["teacher_entropy_global"] = float(entropy(g_targets))
-            normed = F.normalize(s_vox.float(), dim=-1)
-            monitors["feature_std"] = float(normed.std(dim=0).mean()) if len(normed) > 1 else 0.0
+        if monitors is not None:
+            with torch.no_grad():
+                monitors["teacher_entropy"] = entropy(targets) if len(targets) else 0.0
+                normed = F.normalize(s_vox.float(), dim=-1)
+                monitors["feature_std"] = normed.std(dim=0).mean() if len(normed) > 1 else 0.0
 
     def _clip_terms(self, feats: torch.Tensor, texts: Sequence[str], step: int,
-                    terms: dict[str, torch.Tensor], monitors: dict[str, float]) -> None:
+                    terms: dict[str, torch.Tensor], monitors: Monitors | None) -> None:
         """CLIP loss between the student's pooled (masked-input) embedding and the text embedding."""
         image_emb = self.student.image_proj(feats.mean(dim=(2, 3, 4)))
         text_emb = self.text_encoder(texts, step)
         result = self.clip_loss(image_emb, text_emb, text_ids(texts, device=feats.device))
         terms["clip"] = result.loss
         terms["align"] = result.align
-        monitors["clip_top1"] = result.top1
-        monitors["clip_temperature"] = self.clip_loss.temperature
+        if monitors is not None:
+            monitors["clip_top1"] = result.top1
+            monitors["clip_temperature"] = self.clip_loss.temperature

@@ -29,19 +29,31 @@ def ema_pairs(teacher: nn.Module, student: nn.Module) -> tuple[list[torch.Tensor
     return t_list, s_list
 
 
-@torch.no_grad()
-def update_ema(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
-    """teacher = momentum * teacher + (1 - momentum) * student, with two fused foreach ops.
+class EmaUpdater:
+    """teacher <- momentum * teacher + (1 - momentum) * student, with two fused foreach ops over parameter
+    lists paired once (pairing walks every parameter name; the Parameter objects stay valid when DeepSpeed
+    re-points their storage).
 
     Args:
         teacher: module whose parameters are overwritten in place (keep it in fp32: a 0.4 % step is
             below bf16 resolution).
         student: module holding at least every parameter name of `teacher`.
-        momentum: in [0, 1]; 1 leaves the teacher unchanged.
+
+    Example:
+        >>> ema = EmaUpdater(teacher, student)
+        >>> ema(0.996)   # once per optimizer step
     """
-    if not 0.0 <= momentum <= 1.0:
-        raise ValueError(f"EMA momentum must be in [0, 1], got {momentum}")
-    t_list, s_list = ema_pairs(teacher, student)
-    s_list = [s.detach().to(t.dtype) for s, t in zip(s_list, t_list)]
-    torch._foreach_mul_(t_list, momentum)
-    torch._foreach_add_(t_list, s_list, alpha=1.0 - momentum)
+
+    def __init__(self, teacher: nn.Module, student: nn.Module) -> None:
+        self.teacher_params, self.student_params = ema_pairs(teacher, student)
+        self.same_dtype = all(t.dtype == s.dtype for t, s in zip(self.teacher_params, self.student_params))
+
+    @torch.no_grad()
+    def __call__(self, momentum: float) -> None:
+        """One update; momentum in [0, 1] (1 leaves the teacher unchanged)."""
+        if not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"EMA momentum must be in [0, 1], got {momentum}")
+        students = self.student_params if self.same_dtype else [
+            s.detach().to(t.dtype) for s, t in zip(self.student_params, self.teacher_params)]
+        torch._foreach_mul_(self.teacher_params, momentum)
+        torch._foreach_add_(self.teacher_params, students, alpha=1.0 - momentum)

@@ -348,26 +348,46 @@ class Trainer:
         return iter(loader)
 
     def _optimizer_step(self, batches: Iterator[dict[str, Any]]) -> None:
-        """`grad_accum` micro-batches, one optimizer step, one teacher update; then logging."""
+        """`grad_accum` micro-batches, one optimizer step, one teacher update; then logging.
+
+        The loss terms stay on the device until the step's end (one host read per optimizer step);
+        monitors and visuals are computed only for the last micro-batch of a step that logs them.
+        """
         from lsmfm.training.engine import set_group_lrs
 
         t = self.cfg.train
         base_lr = warmup_cosine(self.step, t.max_steps, t.lr, t.warmup_steps, t.final_lr)
         lrs = set_group_lrs(self.engine, base_lr, self.model.lr_scales(self.step))
         momentum = self.model.teacher_momentum(self.step, t.max_steps)
+        report = self._logs(self.step + 1)
+        values = []
+        for i in range(t.grad_accum):
+            output = self._micro_step(next(batches), momentum, report and i == t.grad_accum - 1)
+            values.append(torch.stack([v.detach().float() for v in (output.loss, *output.terms.values())]))
+        names = ["loss", *output.terms]
         sums: dict[str, float] = {}
-        for _ in range(t.grad_accum):
-            output = self._micro_step(next(batches), momentum)
-            for name, value in {"loss": output.loss, **output.terms}.items():
-                sums[name] = sums.get(name, 0.0) + float(value.detach()) / t.grad_accum
+        for row in torch.stack(values).tolist():
+            for name, value in zip(names, row):
+                sums[name] = sums.get(name, 0.0) + value / t.grad_accum
         self.step += 1
         self._report(sums, output, lrs, momentum)
 
-    def _micro_step(self, batch: dict[str, Any], momentum: float) -> Any:
+    def _logs(self, step: int) -> bool:
+        """Whether optimizer step `step` writes scalars or images (so its monitors are needed)."""
+        return self._logs_scalars(step) or self._logs_images(step)
+
+    def _logs_scalars(self, step: int) -> bool:
+        return step % self.cfg.train.log_every == 0 or step == self.cfg.train.max_steps
+
+    def _logs_images(self, step: int) -> bool:
+        every = self.cfg.train.image_every
+        return bool(every) and (step % every == 0 or step == 1)
+
+    def _micro_step(self, batch: dict[str, Any], momentum: float, report: bool) -> Any:
         images = batch["image"].to(self.device, non_blocking=True)
         texts = list(batch["text"]) if self.cfg.model.use_text else None
         boundary = self.engine.is_gradient_accumulation_boundary()
-        output = self.engine(images, texts, self.step, self.cfg.train.max_steps)
+        output = self.engine(images, texts, self.step, self.cfg.train.max_steps, report=report)
         self.engine.backward(output.loss)
         self.engine.step()
         if boundary:
@@ -376,16 +396,17 @@ class Trainer:
         return output
 
     def _report(self, sums: dict[str, float], output: Any, lrs: dict[str, float], momentum: float) -> None:
-        t = self.cfg.train
         loss = sums.pop("loss")
-        self.last = {"loss": loss, "terms": sums, "monitors": dict(output.monitors)}
+        self.last = {"loss": loss, "terms": sums, "monitors": self.last.get("monitors", {})}
         self.log.step(self.step, loss, sums)
-        if self.step % t.log_every == 0 or self.step == t.max_steps:
+        if self._logs_scalars(self.step):
+            monitors = {k: float(v) for k, v in output.monitors.items()}
+            self.last["monitors"] = monitors
             scalars = {"loss/total": loss, **{f"loss/{k}": v for k, v in sums.items()},
                        **{f"lr/{k}": v for k, v in lrs.items()}, "schedule/ema_momentum": momentum,
-                       **{f"monitor/{k}": v for k, v in output.monitors.items()}}
+                       **{f"monitor/{k}": v for k, v in monitors.items()}}
             self.log.scalars(self.step, scalars)
-        if t.image_every and (self.step % t.image_every == 0 or self.step == 1):
+        if self._logs_images(self.step):
             self.log.images(self.step, output.visuals)
 
     def _validate(self) -> bool:
