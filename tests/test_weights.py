@@ -1,6 +1,7 @@
 """Weights format, every load_pretrained source, releases and their hash check, Hub mixin, docs snippet."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -153,7 +154,8 @@ def test_paper_releases_are_registered():
                               ("swinunetr_image_only", "swinunetr", 24)]:
         r = RELEASES[name]
         assert r.url == f"https://zenodo.org/records/20146516/files/{name}_best.ckpt?download=1"
-        assert r.format == "paper-ckpt" and r.sha256 is None and r.arch["arch"] == arch
+        assert r.format == "paper-ckpt" and r.arch["arch"] == arch
+        assert (r.sha256 is None) == (arch == "unet")  # the SwinUNETRs' are known (registry docstring)
         assert r.arch.get("feature_size") == width
         assert r.arch["out_channels"] == (128 if arch == "unet" else 512)
 
@@ -212,7 +214,46 @@ def test_release_without_hash_loads_and_reports_it(tmp_path, monkeypatch, caplog
     register_release(release, replace=True)
     with caplog.at_level(logging.WARNING, logger="lsmfm.weights.download"):
         lsmfm.load_pretrained("tiny_test")
-    assert "no published sha256" in caplog.text
+    assert "no published sha256 or md5" in caplog.text
+    cached = tmp_path / "cache" / "lsmfm" / "releases" / "tiny_test" / "tiny_best.ckpt"
+    recorded = cached.with_name(cached.name + ".sha256").read_text().strip()
+    assert recorded == hashlib.sha256(cached.read_bytes()).hexdigest()
+    cached.write_bytes(cached.read_bytes()[:-1] + b"x")  # swapped or damaged after the first download
+    with pytest.raises(InputError, match="cached file fails its check \\(sha256 recorded at its first download "
+                                         "mismatch"):
+        lsmfm.load_pretrained("tiny_test")
+
+
+def test_release_md5_is_checked_when_no_sha256_is_known(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setitem(RELEASES, "tiny_test", None)
+    release, sd = _release(tmp_path, None)
+    src = Path(release.url.removeprefix("file://"))
+    good = dataclasses.replace(release, md5=hashlib.md5(src.read_bytes()).hexdigest())
+    register_release(dataclasses.replace(good, md5="0" * 32), replace=True)
+    with pytest.raises(InputError, match="md5 mismatch: expected 0{32}, got .*deleted"):
+        lsmfm.load_pretrained("tiny_test")
+    register_release(good, replace=True)
+    assert_same_state(lsmfm.load_pretrained("tiny_test", which="student"), encoder(sd, "student"))
+    cached = tmp_path / "cache" / "lsmfm" / "releases" / "tiny_test" / "tiny_best.ckpt"
+    assert not cached.with_name(cached.name + ".sha256").exists()  # md5 known: nothing to trust on first use
+    cached.write_bytes(b"\0" * cached.stat().st_size)
+    with pytest.raises(InputError, match="cached file fails its check \\(md5 mismatch.*delete it to download"):
+        lsmfm.load_pretrained("tiny_test")
+
+
+def test_hub_sources_are_pinned_to_the_commit_they_resolved_to(tiny_dir, tmp_path, monkeypatch):
+    import shutil
+
+    import huggingface_hub
+
+    folder, net = tiny_dir
+    commit = "3f" * 20
+    snap = tmp_path / "models--lab--lsm-unet" / "snapshots" / commit
+    shutil.copytree(folder, snap)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda **kw: str(snap))
+    loaded = lsmfm.load_pretrained("hf-hub:lab/lsm-unet@main")
+    assert loaded.lsmfm_config.pretraining["source"] == f"hf-hub:lab/lsm-unet@{commit}"
 
 
 def test_release_architecture_is_checked(tmp_path, monkeypatch):

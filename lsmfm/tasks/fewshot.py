@@ -237,12 +237,18 @@ def save_run(plan: Plan, model: nn.Module, scores: Scores, test: list[Example], 
         plan.task.write_predictions(scores, test, tmp / "predictions", plan.cfg.prediction_format)
 
 
+def pinned_source(plan: Plan) -> str:
+    """The pretrained source as loaded: a Hub repository pinned to the commit it resolved to."""
+    recorded = getattr(plan.pretrained, "lsmfm_config", None)
+    return (recorded.pretraining.get("source") if recorded is not None else None) or plan.cfg.pretrained
+
+
 def finetuning_record(plan: Plan, row: dict[str, Any], scores: Scores, out_dir: Path) -> dict[str, Any]:
     """What a kept model records about how it was made (`config.task["finetuning"]`, its model card)."""
     data = plan.cfg.data
     source = (f"{data.catalog} (train {', '.join(data.train_ids)})" if data.catalog else
               f"train {data.train_dir}, validation {data.val_dir}, test {data.test_dir}")
-    return {"base_model": plan.cfg.pretrained if row["init"] == "pretrained" else None,
+    return {"base_model": pinned_source(plan) if row["init"] == "pretrained" else None,
             "init": row["init"], "shots": int(row["shots"]), "seed": int(row["seed"]),
             "train_patches": str(row["train_patches"]).split(), "data": source,
             "test_metrics": {k: float(v) for k, v in scores.metrics.items()}, "run": str(out_dir)}

@@ -1,5 +1,5 @@
-"""Downloads: release files into a cache (progress bar, size and sha256 check, atomic rename), and
-weights folders from the Hugging Face Hub.
+"""Downloads: release files into a cache (progress bar, size and sha256 or md5 check, atomic rename), and
+weights folders from the Hugging Face Hub, pinned to the commit they resolved to.
 
 The release cache is `$XDG_CACHE_HOME/lsmfm` (default `~/.cache/lsmfm`). A file reaches its final name
 only after it was fully read and verified, so an interrupted download is never mistaken for a good one.
@@ -61,56 +61,90 @@ def cache_dir() -> Path:
     return Path(base) / "lsmfm"
 
 
-def sha256_of(path: str | Path) -> str:
-    h = hashlib.sha256()
+def digests_of(path: str | Path) -> dict[str, str]:
+    """sha256 and md5 of a file, in one read."""
+    hashes = {"sha256": hashlib.sha256(), "md5": hashlib.md5(usedforsecurity=False)}
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(CHUNK), b""):
-            h.update(block)
-    return h.hexdigest()
+            for h in hashes.values():
+                h.update(block)
+    return {k: h.hexdigest() for k, h in hashes.items()}
+
+
+def recorded_sha256(target: Path) -> Path:
+    """The sidecar holding the sha256 a file without a published hash had when first downloaded."""
+    return target.with_name(target.name + ".sha256")
 
 
 def fetch_release(release: Release, cache: str | Path | None = None, progress: bool = True) -> Path:
-    """The cached file of `release`, downloaded and verified first if needed."""
+    """The cached file of `release`, downloaded and verified first if needed. A cached file that fails
+    its check is refused (never silently replaced: it was verified when it arrived, so it changed since)."""
     target = Path(cache or cache_dir()) / "releases" / release.name / release.filename
     if target.is_file():
-        if _cached_ok(release, target):
-            return target
-        log.warning("%s: cached file fails its check, downloading again", target)
-        target.unlink()
-    return download(release.url, target, sha256=release.sha256, size=release.size, progress=progress)
+        problem = check_file(target, release.sha256, release.md5, release.size, _first_sha256(target))
+        if problem:
+            raise InputError(target, f"cached file fails its check ({problem}); it changed after it was "
+                                     "verified: delete it to download it again")
+        return target
+    return download(release.url, target, sha256=release.sha256, size=release.size, md5=release.md5,
+                    progress=progress)
 
 
-def _cached_ok(release: Release, target: Path) -> bool:
-    if release.size is not None and target.stat().st_size != release.size:
-        return False
-    return release.sha256 is None or sha256_of(target) == release.sha256.lower()
+def _first_sha256(target: Path) -> str | None:
+    side = recorded_sha256(target)
+    return side.read_text().strip() if side.is_file() else None
+
+
+def check_file(path: Path, sha256: str | None, md5: str | None, size: int | None,
+               first_sha256: str | None = None) -> str | None:
+    """What is wrong with `path` against the expected size and digests (sha256 first, else md5, else
+    the sha256 it had on first download), or None."""
+    if size is not None and path.stat().st_size != size:
+        return f"{path.stat().st_size} bytes, expected {size}"
+    return _digest_problem(digests_of(path), sha256, md5, first_sha256)
+
+
+def _digest_problem(got: dict[str, str], sha256: str | None, md5: str | None,
+                    first_sha256: str | None = None) -> str | None:
+    if sha256 is not None:
+        kind, key, want = "sha256", "sha256", sha256
+    elif md5 is not None:
+        kind, key, want = "md5", "md5", md5
+    elif first_sha256 is not None:
+        kind, key, want = "sha256 recorded at its first download", "sha256", first_sha256
+    else:
+        return None
+    return None if got[key] == want.lower() else f"{kind} mismatch: expected {want.lower()}, got {got[key]}"
 
 
 def download(url: str, target: str | Path, sha256: str | None = None, size: int | None = None,
-             progress: bool = True) -> Path:
-    """Stream `url` to `target` (temp file, verify, rename); a hash or size mismatch deletes it and raises."""
+             progress: bool = True, md5: str | None = None) -> Path:
+    """Stream `url` to `target` (temp file, verify, rename); a size or digest mismatch deletes it and
+    raises. Without sha256 and md5 the file's sha256 is recorded beside it (checked on every later use)."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
     tmp = Path(name)
     try:
-        digest, n = _stream(url, fd, size, target.name, progress)
+        got, n = _stream(url, fd, size, target.name, progress)
         if size is not None and n != size:
             raise InputError(url, f"download has {n} bytes, expected {size}; deleted")
-        if sha256 is not None and digest != sha256.lower():
-            raise InputError(url, f"sha256 mismatch: expected {sha256.lower()}, got {digest}; "
-                                  "the download was deleted")
-        if sha256 is None:
-            log.warning("%s: no published sha256 to verify against; this download's sha256 is %s",
-                        url, digest)
+        problem = _digest_problem(got, sha256, md5)
+        if problem:
+            raise InputError(url, f"{problem}; the download was deleted")
+        if sha256 is None and md5 is None:
+            log.warning("%s: no published sha256 or md5 to verify against; this download's sha256 is %s, "
+                        "recorded in %s and checked on every later use", url, got["sha256"],
+                        recorded_sha256(target))
+            recorded_sha256(target).write_text(got["sha256"] + "\n")
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
     return target
 
 
-def _stream(url: str, fd: int, size: int | None, label: str, progress: bool) -> tuple[str, int]:
-    h = hashlib.sha256()
+def _stream(url: str, fd: int, size: int | None, label: str, progress: bool) -> tuple[dict[str, str], int]:
+    hashes = {"sha256": hashlib.sha256(), "md5": hashlib.md5(usedforsecurity=False)}
     n = 0
     try:
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as resp:
@@ -119,9 +153,10 @@ def _stream(url: str, fd: int, size: int | None, label: str, progress: bool) -> 
                               enabled=progress) as bar:
                 for block in iter(lambda: resp.read(CHUNK), b""):
                     out.write(block)
-                    h.update(block)
+                    for h in hashes.values():
+                        h.update(block)
                     n += len(block)
                     bar.update(len(block))
     except (urllib.error.URLError, OSError, ValueError) as exc:
         raise InputError(url, f"download failed: {exc}") from exc
-    return h.hexdigest(), n
+    return {k: h.hexdigest() for k, h in hashes.items()}, n

@@ -74,7 +74,10 @@ def _resolve(source: str | Path, which: str | None, revision: str | None, follow
     repo = hub_repo(text)
     if repo is not None:
         folder = snapshot(repo, revision, **hub_kwargs)
-        return _single_network(*read_model_dir(folder, follow_symlinks=True), folder, which)
+        config, state, origin = _single_network(*read_model_dir(folder, follow_symlinks=True), folder, which)
+        # huggingface_hub names a snapshot folder by its commit: what a branch or tag resolved to, now
+        config.pretraining["source"] = f"hf-hub:{repo.partition('@')[0]}@{folder.name}"
+        return config, state, origin
     raise InputError(source, "not found: no such file or folder, not an hf-hub:org/name id, and not a "
                              f"registered release ({', '.join(sorted(RELEASES))})")
 
