@@ -61,6 +61,9 @@ def test_validation_logged_best_checkpoint_kept_and_resumed(catalog, tmp_path):
     assert [r["step"] for r in rows] == [2, 4] and TERMS <= set(rows[0])
     assert all(r["loss"] == pytest.approx(sum(r[k] for k in TERMS - {"align"}) + 0.0 * r["align"])
                for r in rows)  # the tiny recipe's training weights: 1, 1, 1, 1 and align 0
+    # the KL is the cross-entropy less the teacher's entropy: between 0 and the cross-entropy
+    assert all(0.0 <= r["distill_kl"] <= r["distill"] and 0.0 <= r["distill_global_kl"] <= r["distill_global"]
+               for r in rows)
     best = min(rows, key=lambda r: r["loss"])
     tag = f"step_{best['step']:08d}"
     assert (run / "checkpoints" / "best").read_text() == tag and (run / "checkpoints" / tag).is_dir()

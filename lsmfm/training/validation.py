@@ -26,7 +26,12 @@ import torch
 from lsmfm.data.stream.config import StreamConfig
 from lsmfm.training import distributed
 
-TERMS = ("recon", "distill", "distill_global", "clip", "align")
+TERMS = ("recon", "distill", "distill_global", "clip", "align", "distill_kl", "distill_global_kl")
+# distill_kl = distill - H(teacher targets): the KL(teacher || student) the paper's F.kl_div computes. The
+# cross-entropy also counts the teacher's own entropy, which moves as the teacher learns whatever the
+# student does; the KL is the part the student controls, so it is the one to select checkpoints by.
+KL_OF = {"distill_kl": ("distill", "teacher_entropy"), "distill_global_kl": ("distill_global",
+                                                                            "teacher_entropy_global")}
 
 
 @dataclass
@@ -37,8 +42,10 @@ class ValidationConfig:
         fraction: share of catalog entries (volumes) held out; 0 trains on every entry, without validation.
         every: validate every this many optimizer steps (and at the last step).
         batches: batches of train.batch_size per rank in each validation, the same patches every time.
-        weights: weight per loss term (recon, distill, distill_global, clip, align) of the monitored loss;
-            empty: the training weights. The paper monitors 0.3 recon + 0.3 distill + 0.3 clip + 0.1 align.
+        weights: weight per term of the monitored loss: the loss terms (recon, distill, distill_global,
+            clip, align) or distill_kl, distill_global_kl (the cross-entropies less the teacher's entropy);
+            empty: the training weights. The paper monitors 0.3 recon + 0.3 distill (a KL) + 0.3 clip
+            + 0.1 align.
         patience: stop after this many validations without a new best (0: never).
     """
 
@@ -134,7 +141,11 @@ class Validator:
         with torch.random.fork_rng(devices=devices), torch.no_grad():
             torch.manual_seed(self.seed * 1_000_003 + self.rank * 1009 + index)
             out = engine(images, texts, self.max_steps, self.max_steps)
-        return {k: float(v) for k, v in out.terms.items()}
+        terms = {k: float(v) for k, v in out.terms.items()}
+        for kl, (ce, entropy) in KL_OF.items():
+            if ce in terms and entropy in out.monitors:
+                terms[kl] = terms[ce] - float(out.monitors[entropy])
+        return terms
 
     def state_dict(self) -> dict[str, Any]:
         return {"best_loss": self.best_loss, "best_step": self.best_step, "bad": self.bad}
