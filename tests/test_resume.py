@@ -1,6 +1,6 @@
-"""Resume: kill -9 mid-run, then `--resume`, continues the loss curve of an uninterrupted run (fixed
-seed, CPU); SIGUSR1 checkpoints at the next step and exits cleanly; a half-written checkpoint never
-becomes `latest`."""
+"""Resume: kill -9 mid-run, then `--resume`, continues the loss curve of an uninterrupted run bit for bit
+(fixed seed, CPU), in one TensorBoard events file with every step once; SIGUSR1 checkpoints at the next
+step and exits cleanly; a half-written checkpoint never becomes `latest`."""
 from __future__ import annotations
 
 import os
@@ -32,16 +32,39 @@ def setup(tmp_path_factory):
     return root, overrides, read_jsonl(ref / "losses.jsonl")
 
 
+@pytest.fixture(scope="module")
+def reference_run(setup):
+    return setup[0] / "reference"
+
+
+def tb_scalars(run) -> list[tuple[str, int, float]]:
+    """Every scalar of the run's TensorBoard events, in file order; asserts there is one events file."""
+    from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
+    from tensorboard.compat.proto import event_pb2
+
+    files = sorted((run / "tb").glob("events.out.tfevents.*"))
+    assert len(files) == 1, files
+    events = (event_pb2.Event.FromString(r) for r in RawEventFileLoader(str(files[0])).Load())
+    return [(v.tag, e.step, v.simple_value) for e in events for v in e.summary.value]
+
+
+def assert_same_events(run, reference) -> None:
+    """One events file whose scalars (every step once) equal the uninterrupted run's, bit for bit."""
+    got, want = tb_scalars(run), tb_scalars(reference)
+    assert len(set((tag, step) for tag, step, _ in got)) == len(got)  # no step twice
+    assert sorted(got) == sorted(want)
+
+
 def assert_same_curve(records: list[dict], reference: list[dict]) -> None:
     assert [r["step"] for r in records] == list(range(1, STEPS + 1))
     for got, want in zip(records, reference):
         assert set(got) == set(want)
         for key in want:
-            assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), (got["step"], key)
+            assert got[key] == want[key], (got["step"], key)  # bit for bit, not within a tolerance
 
 
 @pytest.mark.slow
-def test_kill9_then_resume_continues_the_same_loss_curve(setup):
+def test_kill9_then_resume_continues_the_same_loss_curve(setup, reference_run):
     root, overrides, reference = setup
     run = root / "killed"
     proc = cli(["pretrain", "--config", str(TINY), "--out", str(run), *overrides])
@@ -56,11 +79,12 @@ def test_kill9_then_resume_continues_the_same_loss_curve(setup):
     output = resumed.communicate(timeout=600)[0]
     assert resumed.returncode == 0, output[-3000:]
     assert_same_curve(read_jsonl(run / "losses.jsonl"), reference)
+    assert_same_events(run, reference_run)
     assert checkpoint.latest_tag(run) == checkpoint.tag_for(STEPS)
 
 
 @pytest.mark.slow
-def test_sigusr1_checkpoints_at_the_next_step_and_resume_finishes_the_curve(setup):
+def test_sigusr1_checkpoints_at_the_next_step_and_resume_finishes_the_curve(setup, reference_run):
     root, overrides, reference = setup
     run = root / "preempted"
     cfg = load_config(PretrainConfig, TINY, overrides)
@@ -79,6 +103,7 @@ def test_sigusr1_checkpoints_at_the_next_step_and_resume_finishes_the_curve(setu
     final = pretrain(cfg, run, resume=True)
     assert not final["stopped_early"] and final["teacher_updates"] == STEPS
     assert_same_curve(read_jsonl(run / "losses.jsonl"), reference)
+    assert_same_events(run, reference_run)
 
 
 def test_half_written_checkpoint_is_ignored_and_removed(tmp_path):

@@ -3,7 +3,10 @@ TensorBoard (`pip install 'lsmfm[train]'`) is optional: without it runs go on wi
 
 - `tb/`: scalars (loss terms, learning rates, EMA momentum, temperatures, collapse monitors: teacher
   entropy, feature std, CLIP top-1) and image panels (mid-depth slices of input / masked input /
-  reconstruction). On resume the writer purges events after the checkpoint step, so curves do not fold back.
+  reconstruction). One events file per run: on resume the events up to the checkpoint step are copied
+  into the new writer's file and the older files removed, so curves neither fold back nor show steps
+  twice (a kill between the copy and the removal is healed by the next resume: events are
+  de-duplicated by step and tags).
 - `losses.jsonl`: one JSON line per optimizer step (`step`, `loss` and every term), the file the
   resume test compares; on resume lines after the checkpoint step are dropped.
 - `validation.jsonl`: one line per validation (`step`, the monitored `loss`, every term, `best`), likewise
@@ -23,9 +26,10 @@ from lsmfm.errors import LsmfmWarning
 from lsmfm.io.atomic import atomic_write_text
 
 
-def tensorboard_writer(log_dir: str | Path, purge_step: int | None = None) -> Any:
+def tensorboard_writer(log_dir: str | Path, resume_step: int | None = None) -> Any:
     """A TensorBoard `SummaryWriter` on `log_dir`, or None (with one warning) when tensorboard is not
-    installed: training and its other records (losses.jsonl, results.csv) go on without it."""
+    installed: training and its other records (losses.jsonl, results.csv) go on without it.
+    `resume_step`: carry the earlier files' events up to that step into the new file, remove them."""
     from lsmfm.extras import MissingExtra, require
 
     try:
@@ -35,7 +39,35 @@ def tensorboard_writer(log_dir: str | Path, purge_step: int | None = None) -> An
         return None
     from torch.utils.tensorboard import SummaryWriter
 
-    return SummaryWriter(str(log_dir), purge_step=purge_step)
+    earlier = sorted(Path(log_dir).glob("events.out.tfevents.*")) if resume_step else []
+    kept = kept_events(earlier, resume_step or 0)
+    writer = SummaryWriter(str(log_dir))
+    if earlier:
+        for event in kept:
+            writer.file_writer.add_event(event)
+        writer.flush()
+        for path in earlier:
+            path.unlink()
+    return writer
+
+
+def kept_events(files: list[Path], last_step: int) -> list[Any]:
+    """The summary events of earlier events files with step <= `last_step`, in order, once per
+    (step, tags): what a resumed run keeps of its history (a record cut by a kill ends its file)."""
+    if not files:
+        return []
+    from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
+    from tensorboard.compat.proto import event_pb2
+
+    seen, kept = set(), []
+    for path in files:
+        for record in RawEventFileLoader(str(path)).Load():
+            event = event_pb2.Event.FromString(record)
+            key = (event.step, tuple(v.tag for v in event.summary.value))
+            if event.HasField("summary") and event.step <= last_step and key not in seen:
+                seen.add(key)
+                kept.append(event)
+    return kept
 
 
 class RunLogger:
@@ -55,8 +87,7 @@ class RunLogger:
         self.validation_path = self.run_dir / "validation.jsonl"
         truncate_jsonl(self.losses_path, start_step)
         truncate_jsonl(self.validation_path, start_step)
-        purge = start_step + 1 if start_step else None
-        self.writer = tensorboard_writer(self.run_dir / "tb", purge_step=purge)
+        self.writer = tensorboard_writer(self.run_dir / "tb", resume_step=start_step or None)
         self.bar = progress_bar(total=max_steps, initial=start_step, desc="pretrain", unit="step",
                                 enabled=progress)
 
