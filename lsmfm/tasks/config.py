@@ -89,6 +89,10 @@ class FinetuneConfig:
     Args:
         init: "pretrained", "scratch" or "both" (each shots/seed trained from both at the same budget).
         pretrained: a `lsmfm.load_pretrained` source (folder, file, hf-hub:org/name or release name).
+        which: the encoder of a checkpoint that holds two (the paper's): "auto" (the teacher unless its
+            BatchNorm statistics were never trained, then the student), "teacher" or "student".
+        bn_stats: "keep" the pretrained BatchNorm statistics, or "reestimate" them on (unlabelled)
+            windows of the training images before any run; recorded in the finetuned models' config.
         backbone: architecture of scratch models when no pretrained model is given (else the checkpoint's).
         normalize: intensity normalisation; empty: the pretrained model's recorded one (as in pretraining).
         keep: "best" keeps the model and test predictions of the best-validated seed per (shots, init),
@@ -102,6 +106,8 @@ class FinetuneConfig:
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     init: Literal["pretrained", "scratch", "both"] = "both"
     pretrained: str = ""
+    which: Literal["auto", "teacher", "student"] = "auto"
+    bn_stats: Literal["keep", "reestimate"] = "keep"
     backbone: BackboneConfig = field(default_factory=default_backbone_config)
     normalize: NormalizeConfig | None = None
     train: TrainConfig = field(default_factory=TrainConfig)

@@ -82,6 +82,8 @@ def plan_fewshot(task_name: str, cfg: FinetuneConfig) -> Plan:
     check_channels(splits, backbone_cfg.in_channels)
     check_fits(splits["train"], roi, backbone_cfg.size_multiple, origin)
     check_fits([], geometry.window, backbone_cfg.size_multiple, "data.sw_size")
+    if cfg.bn_stats == "reestimate" and pretrained is not None:
+        recorded = _reestimate(pretrained, splits["train"], normalize, roi)
     source = cfg.data.train_dir or f"{cfg.data.catalog} (train_ids)"
     subsets = {(k, s): task.subset(splits["train"], k, s, source) for k in cfg.shots for s in cfg.seeds}
     model_config = finetuned_model_config(recorded, backbone_cfg, roi, normalize,
@@ -96,7 +98,23 @@ def _load_pretrained(cfg: FinetuneConfig) -> nn.Module | None:
         return None
     import lsmfm
 
-    return lsmfm.load_pretrained(cfg.pretrained)
+    return lsmfm.load_pretrained(cfg.pretrained, which=cfg.which)
+
+
+def _reestimate(pretrained: nn.Module, train: list[Any], normalize: NormalizeConfig,
+                roi: tuple[int, int, int]) -> Any:
+    """BatchNorm statistics from windows of the training images (labels unused); the returned config
+    records it, so every finetuned model says which statistics it started from."""
+    from lsmfm.data.normalize import normalize_channels
+    from lsmfm.models.batchnorm import image_windows, reestimate_batchnorm
+
+    windows = image_windows((normalize_channels(p.image, normalize) for p in train), roi)
+    used = reestimate_batchnorm(pretrained, windows)
+    config = pretrained.lsmfm_config
+    pre = {**config.pretraining, "batchnorm": {"reestimated_on": f"{used} windows of {roi} voxels from "
+                                                                   f"{len(train)} training image(s)"}}
+    pretrained.lsmfm_config = dataclasses.replace(config, pretraining=pre)
+    return pretrained.lsmfm_config
 
 
 def _normalize(cfg: FinetuneConfig, recorded: Any) -> NormalizeConfig:
