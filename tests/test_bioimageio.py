@@ -269,3 +269,25 @@ def test_the_packed_network_file_imports_only_torch_and_monai():
     imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     assert imported == {"__future__", "sys", "typing", "torch", "monai"}
+
+
+def test_a_paper_model_trained_on_xyz_arrays_packs_with_its_axis_order(tmp_path):
+    """The paper's finetuned network transposes at its boundary (backbone.axes: xyz); the packed
+    network.py does the same, so the package computes what lsmfm and the paper's module compute."""
+    import dataclasses
+
+    from paper_fixtures import write_paper_finetuned_ckpt, write_paper_pretraining_ckpt
+
+    from lsmfm.bioimageio.package import _parts, packed_network
+    from lsmfm.tasks.models import load_task_model, save_task_model
+
+    ckpt = write_paper_finetuned_ckpt(tmp_path, write_paper_pretraining_ckpt(tmp_path / "pre", "unet", False))
+    model, config = load_task_model(ckpt)
+    folder = save_task_model(model, tmp_path / "model", dataclasses.replace(config, patch_size=[16, 16, 16]))
+    package = tmp_path / "paper.zip"
+    assert main(["export", "--format", "bioimageio", str(folder), "--out", str(package)]) == 0
+    core_test(package)
+    assert rdf(package)["weights"]["pytorch_state_dict"]["architecture"]["kwargs"]["axes"] == "xyz"
+    x = torch.rand(1, 1, 16, 8, 12)
+    with torch.no_grad():
+        assert torch.equal(packed_network(_parts(folder))(x), model(x))

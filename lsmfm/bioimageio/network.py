@@ -45,18 +45,26 @@ class LsmfmNetwork(nn.Module):
         backbone_kwargs: its keyword arguments; `out_channels` is the dense feature dimension.
         head_channels: output channels of the head.
         residual: add the input to the head's output (deblurring: the network predicts a correction).
+        axes: "zyx", or "xyz" for a backbone trained on (x, y, z) arrays (the LSM foundation model paper's):
+            its (z, y, x) input is transposed for the backbone and the features transposed back.
     """
 
     def __init__(self, backbone: str, backbone_kwargs: Dict[str, Any], head_channels: int,
-                 residual: bool = False) -> None:
+                 residual: bool = False, axes: str = "zyx") -> None:
         super().__init__()
         network = getattr(_monai_nets(), backbone)
         self.backbone = network(**backbone_kwargs)
         self.head = nn.Conv3d(int(backbone_kwargs["out_channels"]), head_channels, kernel_size=1)
         self.residual = residual
+        self.xyz = axes == "xyz"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.head(self.backbone(x))
+        if self.xyz:
+            features = self.backbone(x.permute(0, 1, 4, 3, 2).contiguous())
+            features = features.permute(0, 1, 4, 3, 2).contiguous()
+        else:
+            features = self.backbone(x)
+        out = self.head(features)
         if self.residual:
             out = x + out
         return out

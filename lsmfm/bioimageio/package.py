@@ -135,7 +135,7 @@ def packed_network(parts: Parts) -> torch.nn.Module:
 def network_kwargs(parts: Parts) -> dict[str, Any]:
     name, kwargs = parts.network
     return {"backbone": name, "backbone_kwargs": kwargs, "head_channels": len(parts.output.channels),
-            "residual": parts.output.residual}
+            "residual": parts.output.residual, "axes": parts.config.backbone.axes}
 
 
 def _write_weights(folder: Path, parts: Parts, image: np.ndarray) -> bool:
