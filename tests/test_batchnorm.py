@@ -1,7 +1,8 @@
 """BatchNorm re-estimation: running statistics become the statistics of the given windows (nothing else
-changes), and `lsmfm finetune ... bn_stats=reestimate which=teacher` finetunes the paper's UNet teacher
-(whose statistics were never trained) from statistics of the user's training images, recorded in the
-kept model's config."""
+changes), and `lsmfm finetune ... bn_stats=reestimate which=teacher scale=pretraining` finetunes the
+paper's UNet teacher (whose statistics were never trained) from statistics of the user's training
+images, at its pretraining voxel scale, all recorded in the kept model's config. A backbone's
+`input_scale` resizes at its boundary (tested against resizing by hand)."""
 
 from __future__ import annotations
 
@@ -56,10 +57,10 @@ def test_finetune_reestimates_the_paper_teachers_statistics(tmp_path, capsys):
         f"pretrained={ckpt}",
         "which=teacher",
         "bn_stats=reestimate",
+        "scale=pretraining",
         "init=pretrained",
         "shots=[1]",
         "seeds=[0]",
-        "data.patch_size=[16,16,16]",
         "train.max_steps=2",
         "train.val_every=2",
         "train.batch_size=1",
@@ -67,7 +68,28 @@ def test_finetune_reestimates_the_paper_teachers_statistics(tmp_path, capsys):
     assert main(argv) == 0
     _, config = load_task_model(next(run.glob("*/*/model")))
     assert config.pretraining["which"] == "teacher" and config.backbone.axes == "xyz"
-    assert (
-        "windows of (16, 16, 16) voxels from 3 training image(s)"
-        in config.pretraining["batchnorm"]["reestimated_on"]
-    )
+    # scale=pretraining: patches of the pretraining read size (12³), resized to 8³ for the network
+    assert config.backbone.input_scale == pytest.approx(8 / 12) and config.patch_size == [12, 12, 12]
+    assert "windows of (12, 12, 12) voxels from 3 training image(s)" in (
+        config.pretraining["batchnorm"]["reestimated_on"])
+
+
+def test_input_scale_resizes_at_the_boundary_and_sets_the_input_multiple():
+    import dataclasses
+
+    import torch.nn.functional as F
+
+    cfg = UNetConfig(channels=[4, 8, 16, 16], strides=[2, 2, 2], num_res_units=1, out_channels=4)
+    scaled = dataclasses.replace(cfg, input_scale=64 / 96, axes="xyz")
+    assert (cfg.input_multiple, scaled.input_multiple) == (8, 12)
+    net = cfg.build().eval()
+    net_scaled = scaled.build().eval()
+    net_scaled.load_state_dict(net.state_dict())
+    x = torch.rand(1, 1, 24, 36, 48, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        small = F.interpolate(x, size=(16, 24, 32), mode="trilinear", align_corners=False)
+        raw = net(small.permute(0, 1, 4, 3, 2)).permute(0, 1, 4, 3, 2)
+        want = F.interpolate(raw, size=(24, 36, 48), mode="trilinear", align_corners=False)
+        assert torch.equal(net_scaled(x), want)
+    with pytest.raises(ValueError, match="divisible by 12"):
+        net_scaled(torch.rand(1, 1, 16, 16, 16))

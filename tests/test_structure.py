@@ -205,8 +205,8 @@ def test_model_folders_and_configs_written_before_the_registries_still_load():
     assert load_task_model(LEGACY / "classify")[0].head_config.hidden == 5
     swin = ModelConfig.from_json((LEGACY / "swinunetr_config.json").read_text())
     assert swin.backbone == SwinUNETRConfig(feature_size=12, out_channels=4, norm="instance")
-    assert set(to_dict(swin.backbone)) == {"arch", "in_channels", "out_channels", "axes", "feature_size",
-                                           "norm", "use_checkpoint"}  # written back without the UNet's keys
+    assert set(to_dict(swin.backbone)) == {"arch", "in_channels", "out_channels", "axes", "input_scale",
+                                           "feature_size", "norm", "use_checkpoint"}  # without the UNet's keys
     tiny = load_config(PretrainConfig, LEGACY / "pretrain_tiny_config.yaml")
     assert tiny.model.backbone == UNetConfig(channels=[8, 16, 32], strides=[2, 2], num_res_units=1,
                                              out_channels=16)

@@ -116,6 +116,10 @@ def _parts(model_dir: str | Path) -> Parts:
     if network is None:
         raise InputError(model_dir, f"its {config.backbone.arch} backbone is not a MONAI network; the "
                                     "bioimage.io package rebuilds UNet and SwinUNETR backbones only")
+    if config.backbone.input_scale != 1.0:
+        raise InputError(model_dir, f"resizes its input by {config.backbone.input_scale:g} (backbone."
+                                    "input_scale); bioimage.io packages are written for networks at their "
+                                    "input's scale only")
     name, kwargs = network
     if "use_checkpoint" in kwargs:
         kwargs = {**kwargs, "use_checkpoint": False}  # gradient checkpointing is for training only

@@ -93,6 +93,9 @@ class FinetuneConfig:
             BatchNorm statistics were never trained, then the student), "teacher" or "student".
         bn_stats: "keep" the pretrained BatchNorm statistics, or "reestimate" them on (unlabelled)
             windows of the training images before any run; recorded in the finetuned models' config.
+        scale: "native" (the images as they are; the paper finetuned so) or "pretraining": the network
+            sees every input resized as its pretraining patches were (the paper's 96³ -> 64³), via
+            `backbone.input_scale`, recorded in the models so `lsmfm predict` does the same.
         backbone: architecture of scratch models when no pretrained model is given (else the checkpoint's).
         normalize: intensity normalisation; empty: the pretrained model's recorded one (as in pretraining).
         keep: "best" keeps the model and test predictions of the best-validated seed per (shots, init),
@@ -108,6 +111,7 @@ class FinetuneConfig:
     pretrained: str = ""
     which: Literal["auto", "teacher", "student"] = "auto"
     bn_stats: Literal["keep", "reestimate"] = "keep"
+    scale: Literal["native", "pretraining"] = "native"
     backbone: BackboneConfig = field(default_factory=default_backbone_config)
     normalize: NormalizeConfig | None = None
     train: TrainConfig = field(default_factory=TrainConfig)

@@ -71,6 +71,8 @@ def plan_fewshot(task_name: str, cfg: FinetuneConfig) -> Plan:
     task = build_task(task_name, cfg)
     device = resolve_device(cfg.device)
     pretrained = _load_pretrained(cfg)
+    if cfg.scale == "pretraining":
+        _at_pretraining_scale(pretrained, cfg.pretrained)
     recorded = pretrained.lsmfm_config if pretrained is not None else None
     backbone_cfg = recorded.backbone if recorded is not None else cfg.backbone
     normalize = _normalize(cfg, recorded)
@@ -80,8 +82,8 @@ def plan_fewshot(task_name: str, cfg: FinetuneConfig) -> Plan:
     task.setup(splits["train"], splits["val"] + splits["test"])
     check_training_images(splits["train"])
     check_channels(splits, backbone_cfg.in_channels)
-    check_fits(splits["train"], roi, backbone_cfg.size_multiple, origin)
-    check_fits([], geometry.window, backbone_cfg.size_multiple, "data.sw_size")
+    check_fits(splits["train"], roi, backbone_cfg.input_multiple, origin)
+    check_fits([], geometry.window, backbone_cfg.input_multiple, "data.sw_size")
     if cfg.bn_stats == "reestimate" and pretrained is not None:
         recorded = _reestimate(pretrained, splits["train"], normalize, roi)
     source = cfg.data.train_dir or f"{cfg.data.catalog} (train_ids)"
@@ -99,6 +101,21 @@ def _load_pretrained(cfg: FinetuneConfig) -> nn.Module | None:
     import lsmfm
 
     return lsmfm.load_pretrained(cfg.pretrained, which=cfg.which)
+
+
+def _at_pretraining_scale(pretrained: nn.Module | None, source: str) -> None:
+    """Make the backbone resize its inputs as its pretraining did (`pretraining.resize`: read -> network)."""
+    resize = (pretrained.lsmfm_config.pretraining.get("resize") if pretrained is not None else None) or {}
+    factors = {n / r for n, r in zip(resize.get("network", []), resize.get("read", []))}
+    if len(factors) != 1:
+        raise ConfigError(f"scale: pretraining needs a pretrained model that records one isotropic "
+                          f"pretraining resize (pretraining.resize: read -> network); {source or 'none'} "
+                          f"records {resize or 'none'}")
+    config = pretrained.lsmfm_config
+    backbone = dataclasses.replace(config.backbone, input_scale=factors.pop())
+    pretrained.config = backbone
+    pretrained.lsmfm_config = dataclasses.replace(config, backbone=backbone,
+                                                  patch_size=list(resize["read"]))
 
 
 def _reestimate(pretrained: nn.Module, train: list[Any], normalize: NormalizeConfig,

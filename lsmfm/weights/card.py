@@ -48,6 +48,9 @@ def summary_lines(config: ModelConfig, state_dict: Mapping[str, torch.Tensor]) -
         f"- Patch size (z, y, x): {' x '.join(map(str, config.patch_size))} voxels; voxel size: {voxel}",
         f"- Normalisation: percentiles {norm.lower}-{norm.upper} to [0, 1]{', clipped' if norm.clip else ''}",
     ]
+    if config.backbone.input_scale != 1.0:
+        lines.append(f"- Input scale: inputs are resized by {config.backbone.input_scale:.4g} before the "
+                     "network (its pretraining voxel scale) and its output resized back")
     if config.backbone.axes == "xyz":
         lines.append("- Axis order: trained on (x, y, z) arrays (nibabel's order); lsmfm passes (z, y, x) "
                      "arrays and transposes them at the network's boundary")

@@ -68,7 +68,7 @@ class ModelConfig:
                              f"({FORMAT_VERSION}); upgrade lsmfm")
         if len(self.patch_size) != 3 or min(self.patch_size) < 1:
             raise ValueError(f"patch_size must be 3 positive ints (z, y, x), got {self.patch_size}")
-        m = self.backbone.size_multiple
+        m = self.backbone.input_multiple
         if any(s % m for s in self.patch_size):
             raise ValueError(f"patch_size {self.patch_size} must be divisible by {m} "
                              f"for {self.backbone.arch}")
@@ -105,8 +105,8 @@ def config_for(backbone: torch.nn.Module) -> ModelConfig:
     arch = getattr(backbone, "config", None)
     if not isinstance(arch, BackboneConfig):
         raise TypeError(f"{type(backbone).__name__} is not an lsmfm backbone (no BackboneConfig in .config)")
-    m = arch.size_multiple
-    return ModelConfig(backbone=arch, patch_size=[max(64, m)] * 3)
+    m = arch.input_multiple
+    return ModelConfig(backbone=arch, patch_size=[m * -(-64 // m)] * 3)
 
 
 def write_model_files(folder: str | Path, state_dict: Mapping[str, torch.Tensor], config: ModelConfig,

@@ -7,9 +7,10 @@ keys stay the network's own (MONAI's, for the LSM foundation model paper's weigh
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from lsmfm.errors import InputError
 from lsmfm.models.backbones.registry import BackboneConfig
@@ -32,16 +33,23 @@ class Backbone(HubMixin):
         return self.config.out_channels
 
     def to_network(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, z, y, x) input, checked, in the axis order the network was trained on."""
+        """(B, C, z, y, x) input, checked, at the scale and in the axis order the network was trained on."""
         self.check_input(x)
+        scale = self.config.input_scale
+        if scale != 1.0:
+            x = F.interpolate(x, size=tuple(round(n * scale) for n in x.shape[2:]), mode="trilinear",
+                              align_corners=False)
         return x.permute(0, 1, 4, 3, 2).contiguous() if self.config.axes == "xyz" else x
 
-    def from_network(self, y: torch.Tensor) -> torch.Tensor:
-        """The network's dense output back in (B, C, z, y, x) order."""
-        return y.permute(0, 1, 4, 3, 2).contiguous() if self.config.axes == "xyz" else y
+    def from_network(self, y: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+        """The network's dense output back in (B, C, z, y, x) order at the input's `size`."""
+        y = y.permute(0, 1, 4, 3, 2).contiguous() if self.config.axes == "xyz" else y
+        if self.config.input_scale != 1.0:
+            y = F.interpolate(y, size=tuple(size), mode="trilinear", align_corners=False)
+        return y
 
     def check_input(self, x: torch.Tensor) -> None:
-        m = self.config.size_multiple
+        m = self.config.input_multiple
         if x.ndim != 5 or x.shape[1] != self.config.in_channels:
             raise ValueError(f"expected input (B, {self.config.in_channels}, D, H, W), got {tuple(x.shape)}")
         if any(s % m for s in x.shape[2:]):

@@ -19,7 +19,9 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
@@ -47,18 +49,32 @@ class BackboneConfig:
         axes: the order of the spatial axes the network was trained on: "zyx" (lsmfm's arrays) or
             "xyz" (nibabel's, as the LSM foundation model paper fed them). Inputs and outputs are
             always (z, y, x); an "xyz" network gets them transposed at its boundary.
+        input_scale: the network sees its input resized by this factor (trilinear), and its dense
+            output is resized back: 1 (default), or e.g. 64/96 to run a network pretrained on 96³
+            patches resized to 64³ (the paper's) at its pretraining voxel scale.
     """
 
     arch: str = DEFAULT_ARCH
     in_channels: int = 1
     out_channels: int = 128
     axes: Literal["zyx", "xyz"] = "zyx"
+    input_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if min(self.in_channels, self.out_channels) < 1:
             raise ValueError("in_channels and out_channels must be >= 1")
         if self.axes not in ("zyx", "xyz"):
             raise ValueError(f"axes must be zyx or xyz, got {self.axes!r}")
+        if not 0.0 < self.input_scale <= 8.0:
+            raise ValueError(f"input_scale must be in (0, 8], got {self.input_scale}")
+
+    @property
+    def input_multiple(self) -> int:
+        """Every spatial size of an input must be a multiple of this: sizes that `input_scale` maps
+        exactly onto multiples of the network's `size_multiple` (64/96 and 8: multiples of 12)."""
+        scale = Fraction(self.input_scale).limit_denominator(64)
+        multiple = self.size_multiple * scale.denominator
+        return multiple // math.gcd(scale.numerator, multiple)
 
     @property
     def size_multiple(self) -> int:

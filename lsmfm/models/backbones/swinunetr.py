@@ -75,4 +75,4 @@ class SwinUNETRBackbone(Backbone, SwinUNETR):
         self.config = config
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.from_network(SwinUNETR.forward(self, self.to_network(x)))
+        return self.from_network(SwinUNETR.forward(self, self.to_network(x)), x.shape[2:])

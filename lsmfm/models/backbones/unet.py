@@ -103,4 +103,4 @@ class UNetBackbone(Backbone, UNet):
         self.config = config
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.from_network(UNet.forward(self, self.to_network(x)))
+        return self.from_network(UNet.forward(self, self.to_network(x)), x.shape[2:])
