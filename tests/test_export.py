@@ -96,6 +96,11 @@ def test_model_config_from_a_run_config(tmp_path):
     assert cfg.pretraining["data"] == ["missing/catalog.yaml"]  # unreadable catalog: its path is kept
     card = render_model_card(cfg, {})
     assert "image-text CLIP (loss weights: distill 1.0, clip 0.5)" in card and "2.0 x 2.0 x 2.0 µm" in card
+    assert "resize" not in cfg.pretraining
+    paper_like = run_config()
+    paper_like["data"] |= {"read_size": [48, 48, 48], "target_voxel_size": None}
+    cfg = run_model_config(paper_like, tmp_path / "config.yaml", "teacher", tmp_path / TAG)
+    assert cfg.pretraining["resize"] == {"read": [48, 48, 48], "network": [32, 32, 32]}
 
 
 def test_export_checks_inputs_before_reading_weights(tmp_path, capsys):

@@ -104,6 +104,8 @@ def run_model_config(raw: dict[str, Any], source: Path, which: str, tag_dir: Pat
         pretraining["normalize_source"] = norm["source"]
     patch = data.get("patch_size", [96, 96, 96])
     patch = [int(patch)] * 3 if isinstance(patch, int) else [int(p) for p in patch]
+    if data.get("read_size"):  # patches read at this size and resampled to patch_size (the paper's 96 -> 64)
+        pretraining["resize"] = {"read": [int(r) for r in data["read_size"]], "network": patch}
     voxel = data.get("target_voxel_size")
     if voxel is not None:
         voxel = [float(voxel)] * 3 if isinstance(voxel, (int, float)) else [float(v) for v in voxel]
