@@ -49,20 +49,33 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def apply_override(data: dict[str, Any], item: str) -> None:
-    """Set `a.b.c=value` in a nested dict; the value is parsed as YAML (so `3`, `true`, `[1, 2]` work)."""
+    """Set `a.b.c=value` in a nested dict (a number indexes a list: `arms.0.source=...`); the value is
+    parsed as YAML (so `3`, `true`, `[1, 2]` work)."""
     if "=" not in item:
         raise ConfigError(f"override {item!r} must look like key=value")
     key, raw = item.split("=", 1)
     parts = key.strip().split(".")
     if not all(parts):
         raise ConfigError(f"override {item!r} has an empty key part")
-    node = data
+    node: Any = data
     for part in parts[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
+        child = _item(node, part, item) if isinstance(node, list) else node.setdefault(part, {})
+        if not isinstance(child, (dict, list)):
             raise ConfigError(f"override {item!r}: {part!r} is not a section")
         node = child
-    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    if isinstance(node, list):
+        _item(node, parts[-1], item)
+        node[int(parts[-1])] = value
+    else:
+        node[parts[-1]] = value
+
+
+def _item(items: list[Any], part: str, override: str) -> Any:
+    """`arms.1.lr=...`: a list entry given in the file, by its index."""
+    if not part.isdigit() or int(part) >= len(items):
+        raise ConfigError(f"override {override!r}: {part!r} is not an index of the {len(items)} list entries")
+    return items[int(part)]
 
 
 def from_dict(cls: type[T], data: dict[str, Any], source: str = "<dict>", prefix: str = "") -> T:

@@ -203,6 +203,8 @@ def test_run_folder_rules_and_config_errors(dataset, weights, tmp_path, capsys):
     assert main([*base, "--out", str(run), "--quiet"]) == 0
     assert main([*base, "--out", str(run), "--quiet", "--resume"]) == 0
     assert "1 of 1 runs finished earlier, skipped (unet_shots1_seed0)" in capsys.readouterr().out
+    assert main([*base, "--out", str(run), "--resume", "arms.0.options={which: teacher}"]) == 1
+    assert "arms differ" in capsys.readouterr().err  # a list entry set by its index, compared whole
     assert main([*base, "--out", str(run), "--resume", "train.lr=0.5"]) == 1
     assert "train.lr differ" in capsys.readouterr().err
     for bad, message in [

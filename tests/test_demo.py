@@ -19,15 +19,18 @@ def test_demo_runs_end_to_end(tmp_path):
     cmd = [sys.executable, "-m", "lsmfm.cli.main", "demo", "--out", str(out), "--pretrain-steps", "4"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
-    with open(out / "finetune_segment" / "results.csv") as fh:
-        rows = list(csv.DictReader(fh))
-    assert {r["init"] for r in rows} == {"pretrained", "scratch"}
-    assert all(0.0 <= float(r["dice"]) <= 1.0 for r in rows)
+    with open(out / "compare_segment" / "results.csv") as fh:
+        compared = list(csv.DictReader(fh))
+    assert {(r["arm"], r["kind"]) for r in compared} == {("demo_pretrained", "3d"), ("scratch", "3d"),
+                                                       ("sam_lora_tiny", "2d")}
+    assert all(0.0 <= float(r["dice"]) <= 1.0 for r in compared) and len(compared) == 12
+    assert (out / "compare_segment" / "dice_vs_shots.png").is_file()
     assert (out / "weights" / "model.safetensors").is_file()
     assert (out / "prediction.zarr" / "labels" / "mask").is_dir()
     if importlib.util.find_spec("bioimageio") is not None:
         assert zipfile.is_zipfile(out / "segment.bioimageio.zip")
-    assert "Demo finished" in done.stdout
+    assert "Demo finished" in done.stdout and done.stdout.rstrip().endswith("|")  # ends with the table
+    assert "| sam_lora_tiny | 2d | 4 | 2 |" in done.stdout.split("Demo finished")[1]
 
 
 def test_demo_replaces_its_own_earlier_output(tmp_path):

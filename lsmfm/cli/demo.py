@@ -1,9 +1,11 @@
 """`lsmfm demo`: the embedded default, end to end on synthetic data, on one CPU, with no network.
 
 It runs the same subcommands a user would, in order, so the demo doubles as a worked example:
-synth -> ingest (catalog) -> stream -> pretrain -> export -> finetune segment (pretrained vs scratch)
--> predict on a whole volume -> export the model as a bioimage.io package (when the bioimageio
-extra is installed).
+synth -> ingest (catalog) -> stream -> pretrain -> export -> compare segment (the pretrained model, the
+same network from scratch and a tiny random 2D SAM + LoRA, on the same volumes per shot; its 3D arms are
+`lsmfm finetune segment`'s runs) -> predict on a whole volume with the kept pretrained model -> export
+that model as a bioimage.io package (when the bioimageio extra is installed); the comparison's table
+closes the output.
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ def _stage(title: str, argv: list[str], quiet: bool = False) -> None:
     from lsmfm.cli.main import main
 
     if quiet:
-        argv = [*argv[:2], "--quiet", *argv[2:]] if argv[0] == "catalog" else [argv[0], "--quiet", *argv[1:]]
+        argv = [*argv, "--quiet"]  # after the subcommand (finetune segment, catalog ingest, ...)
     print(f"\n=== {title}\n$ lsmfm {' '.join(argv)}", flush=True)
     start = time.perf_counter()
     rc = main(argv)
@@ -60,18 +62,22 @@ def run(args: argparse.Namespace) -> int:
     _stage("4/8 pretrain (student-teacher, masked reconstruction + distillation + CLIP)", pretrain, quiet)
     _stage("5/8 export the teacher backbone", ["export", str(out / "pretrain"), "--out", str(out / "weights")])
     ft = synth / "finetune"
-    _stage("6/8 few-shot segmentation: pretrained vs scratch",
-           ["finetune", "segment", "--config", str(REPO / "finetune" / "demo_segment.yaml"),
-            "--out", str(out / "finetune_segment"), f"pretrained={out / 'weights'}",
+    compared = out / "compare_segment"
+    _stage("6/8 few-shot segmentation: the demo's pretrained model vs scratch vs a tiny 2D SAM + LoRA, the "
+           "same volumes per shot",
+           ["compare", "segment", "--config", str(REPO / "finetune" / "demo_compare.yaml"),
+            "--out", str(compared), f"arms.0.source={out / 'weights'}",
             f"data.train_dir={ft / 'train'}", f"data.val_dir={ft / 'val'}", f"data.test_dir={ft / 'test'}"],
            quiet)
-    model = _largest_shot_model(out / "finetune_segment" / "pretrained")
-    _stage("7/8 whole-volume prediction (sliding window, out of core)",
+    model = _largest_shot_model(compared / "demo_pretrained")
+    _stage("7/8 whole-volume prediction with the kept pretrained model (sliding window, out of core)",
            ["predict", "--model", str(model), "--input", str(stores / "synth_01_vessels.zarr"),
             "--out", str(out / "prediction.zarr"), "--block", "64"], quiet)
     package = _bioimageio_stage(model, out / "segment.bioimageio.zip", quiet)
-    print(f"\nDemo finished. Outputs under {out}/ (plots: {out / 'finetune_segment'}/*_vs_shots.png, "
-          f"prediction: {out / 'prediction.zarr'}" + (f", bioimage.io package: {package})" if package else ")"))
+    print(f"\nDemo finished. Outputs under {out}/ (prediction: {out / 'prediction.zarr'}"
+          + (f", bioimage.io package: {package}" if package else "")
+          + f"); the comparison ({compared}/results.md, plots {compared}/*_vs_shots.png):\n")
+    print((compared / "results.md").read_text())
     return 0
 
 
