@@ -2,7 +2,8 @@
 trains it with the one training loop, scores the test volumes and saves what is kept.
 
 - `pretrained`: a 3D backbone from `lsmfm.load_pretrained(source, **options)` with the task's head;
-  its recorded normalisation and patch size (or `data.patch_size`), scored with the sliding window.
+  its recorded normalisation and patch size (or `data.patch_size`), its BatchNorm statistics kept or
+  re-estimated on the training images (`bn_stats`), scored with the sliding window.
 - `scratch`: the same 3D architecture, patch size and normalisation as its reference pretrained arm
   (`like`), from random weights; without a pretrained arm, `backbone` and `data.patch_size`.
 - `baseline2d`: a 2D foundation model adapted with a PEFT method (`lsmfm.baselines2d`), trained on the Z
@@ -129,10 +130,18 @@ def pretrained_arm(cfg: ArmConfig, ctx: Context, others: dict[str, Arm]) -> Volu
     import lsmfm
 
     net = lsmfm.load_pretrained(cfg.source, **cfg.options)
+    if cfg.scale == "pretraining":
+        from lsmfm.tasks.fewshot import at_pretraining_scale
+
+        at_pretraining_scale(net, cfg.source)
     recorded = net.lsmfm_config
     data = ctx.cfg.data
     roi = tuple(data.patch_size) if data.patch_size else tuple(int(s) for s in recorded.patch_size)
     origin = "data.patch_size" if data.patch_size else f"patch size of the pretrained model {cfg.source}"
+    if cfg.bn_stats == "reestimate":
+        from lsmfm.tasks.fewshot import reestimate_statistics
+
+        recorded = reestimate_statistics(net, ctx.splits["train"], recorded.normalize, roi)  # type: ignore
     return Volume3DArm(cfg, ctx, recorded.backbone, net, recorded, recorded.normalize, roi, origin)  # type: ignore
 
 

@@ -39,6 +39,10 @@ class ArmConfig:
         source: pretrained: a `lsmfm.load_pretrained` source (release name, folder, file, Hub id).
         options: pretrained: keyword options of `load_pretrained` (e.g. `{which: student}`; any
             option it accepts, passed through).
+        bn_stats: pretrained: "keep" the pretrained BatchNorm statistics or "reestimate" them on windows
+            of the training images before any run (as `lsmfm finetune`'s `bn_stats`).
+        scale: pretrained: "native" or "pretraining" (the network resizes its inputs as its pretraining
+            did; as `lsmfm finetune`'s `scale`; a scratch arm like it gets the same scale).
         like: scratch: the pretrained arm whose architecture, patch size and normalisation it copies
             (default: the first pretrained arm; without one: `backbone` and `data.patch_size`).
         model, peft: baseline2d: the `model:` and `peft:` sections of `lsmfm baseline2d`.
@@ -50,6 +54,8 @@ class ArmConfig:
     kind: ArmKind = "pretrained"
     source: str = ""
     options: dict[str, Any] = field(default_factory=dict)
+    bn_stats: Literal["keep", "reestimate"] = "keep"
+    scale: Literal["native", "pretraining"] = "native"
     like: str = ""
     model: Model2DConfig | None = None
     peft: PeftConfig | None = None
@@ -65,6 +71,8 @@ class ArmConfig:
         for key in ("source", "options", "like", "model", "peft", "normalize"):
             if key not in allowed and getattr(self, key):
                 raise ValueError(f"arm {self.name!r}: `{key}` does not apply to kind {self.kind}")
+        if self.kind != "pretrained" and (self.bn_stats, self.scale) != ("keep", "native"):
+            raise ValueError(f"arm {self.name!r}: `bn_stats` and `scale` do not apply to kind {self.kind}")
         if self.kind == "pretrained":
             if not self.source:
                 raise ValueError(f"arm {self.name!r}: kind pretrained needs `source` (a load_pretrained "

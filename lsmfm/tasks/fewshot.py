@@ -72,7 +72,7 @@ def plan_fewshot(task_name: str, cfg: FinetuneConfig) -> Plan:
     device = resolve_device(cfg.device)
     pretrained = _load_pretrained(cfg)
     if cfg.scale == "pretraining":
-        _at_pretraining_scale(pretrained, cfg.pretrained)
+        at_pretraining_scale(pretrained, cfg.pretrained)
     recorded = pretrained.lsmfm_config if pretrained is not None else None
     backbone_cfg = recorded.backbone if recorded is not None else cfg.backbone
     normalize = _normalize(cfg, recorded)
@@ -85,7 +85,7 @@ def plan_fewshot(task_name: str, cfg: FinetuneConfig) -> Plan:
     check_fits(splits["train"], roi, backbone_cfg.input_multiple, origin)
     check_fits([], geometry.window, backbone_cfg.input_multiple, "data.sw_size")
     if cfg.bn_stats == "reestimate" and pretrained is not None:
-        recorded = _reestimate(pretrained, splits["train"], normalize, roi)
+        recorded = reestimate_statistics(pretrained, splits["train"], normalize, roi)
     source = cfg.data.train_dir or f"{cfg.data.catalog} (train_ids)"
     subsets = {(k, s): task.subset(splits["train"], k, s, source) for k in cfg.shots for s in cfg.seeds}
     model_config = finetuned_model_config(recorded, backbone_cfg, roi, normalize,
@@ -103,7 +103,7 @@ def _load_pretrained(cfg: FinetuneConfig) -> nn.Module | None:
     return lsmfm.load_pretrained(cfg.pretrained, which=cfg.which)
 
 
-def _at_pretraining_scale(pretrained: nn.Module | None, source: str) -> None:
+def at_pretraining_scale(pretrained: nn.Module | None, source: str) -> None:
     """Make the backbone resize its inputs as its pretraining did (`pretraining.resize`: read -> network)."""
     resize = (pretrained.lsmfm_config.pretraining.get("resize") if pretrained is not None else None) or {}
     factors = {n / r for n, r in zip(resize.get("network", []), resize.get("read", []))}
@@ -118,7 +118,7 @@ def _at_pretraining_scale(pretrained: nn.Module | None, source: str) -> None:
                                                   patch_size=list(resize["read"]))
 
 
-def _reestimate(pretrained: nn.Module, train: list[Any], normalize: NormalizeConfig,
+def reestimate_statistics(pretrained: nn.Module, train: list[Any], normalize: NormalizeConfig,
                 roi: tuple[int, int, int]) -> Any:
     """BatchNorm statistics from windows of the training images (labels unused); the returned config
     records it, so every finetuned model says which statistics it started from."""
