@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from lsmfm.data.normalize import NormalizeConfig
-from lsmfm.tasks.config import TrainConfig
+from lsmfm.tasks.config import TrainConfig, check_protocol
 from lsmfm.tasks.segment import SegmentConfig
 
 ModelName = Literal["sam", "dinov2", "dinov3", "clip"]
@@ -183,12 +183,7 @@ class Baseline2DConfig:
     save_predictions: bool = True
 
     def __post_init__(self) -> None:
-        if not self.shots or min(self.shots) < 1:
-            raise ValueError(f"shots must be a non-empty list of positive counts, got {self.shots}")
-        if not self.seeds:
-            raise ValueError("seeds must not be empty")
-        if len(set(self.shots)) != len(self.shots) or len(set(self.seeds)) != len(self.seeds):
-            raise ValueError(f"shots {self.shots} and seeds {self.seeds} must not repeat")
+        check_protocol(self.shots, self.seeds)
         check_method(self.model, self.peft)
 
     @property

@@ -19,7 +19,7 @@ from lsmfm.baselines2d.config import PeftConfig, check_method
 from lsmfm.data.normalize import NormalizeConfig
 from lsmfm.errors import ConfigError
 from lsmfm.models.backbones.registry import BackboneConfig, default_backbone_config
-from lsmfm.tasks.config import DataConfig, TrainConfig
+from lsmfm.tasks.config import DataConfig, TrainConfig, check_protocol
 
 ArmKind = Literal["pretrained", "scratch", "baseline2d"]
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -134,13 +134,7 @@ class CompareConfig:
             if arm.like and arm.like not in pretrained:
                 raise ValueError(f"arm {arm.name!r}: like={arm.like!r} is not a pretrained arm "
                                  f"({pretrained})")
-        if not self.shots or min(self.shots) < 1:
-            raise ValueError(f"shots must be a non-empty list of positive counts, got {self.shots}")
-        if not self.seeds or len(set(self.seeds)) != len(self.seeds) or \
-                len(set(self.shots)) != len(self.shots):
-            raise ValueError(f"shots {self.shots} and seeds {self.seeds} must be non-empty and not repeat")
-        if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
-            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        check_protocol(self.shots, self.seeds, self.device)
         for i, arm in enumerate(self.arms):
             arm_train(self, arm, f"arms[{i}].train")
 

@@ -82,6 +82,18 @@ class TrainConfig:
             raise ValueError("train.head_steps and train.patience must be >= 0")
 
 
+def check_protocol(shots: list[int], seeds: list[int], device: str = "auto") -> None:
+    """The few-shot protocol every finetune, compare and baseline2d config shares: shots, seeds, device."""
+    if device != "auto" and not (device == "cpu" or device.startswith("cuda")):
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}")
+    if not shots or min(shots) < 1:
+        raise ValueError(f"shots must be a non-empty list of positive counts, got {shots}")
+    if not seeds:
+        raise ValueError("seeds must not be empty")
+    if len(set(shots)) != len(shots) or len(set(seeds)) != len(seeds):
+        raise ValueError(f"shots {shots} and seeds {seeds} must not repeat")
+
+
 @dataclass
 class FinetuneConfig:
     """Keys shared by every task.
@@ -120,14 +132,7 @@ class FinetuneConfig:
     device: str = "auto"
 
     def __post_init__(self) -> None:
-        if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
-            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
-        if not self.shots or min(self.shots) < 1:
-            raise ValueError(f"shots must be a non-empty list of positive counts, got {self.shots}")
-        if not self.seeds:
-            raise ValueError("seeds must not be empty")
-        if len(set(self.shots)) != len(self.shots) or len(set(self.seeds)) != len(self.seeds):
-            raise ValueError(f"shots {self.shots} and seeds {self.seeds} must not repeat")
+        check_protocol(self.shots, self.seeds, self.device)
         if self.init in ("pretrained", "both") and not self.pretrained:
             raise ValueError(f"init={self.init} needs `pretrained` (a load_pretrained source)")
 
