@@ -52,6 +52,34 @@ def add_quiet(parser: Any) -> None:
                         help="no progress bars or progress lines (errors and the summary still print)")
 
 
+def add_protocol_arguments(parser: Any, *, config_example: str, out_help: str, what: str, resume_help: str,
+                           overrides_example: str) -> None:
+    """The arguments of a few-shot protocol command (finetune, compare): config, run folder, resume, overrides."""
+    parser.add_argument("--config", type=Path, default=None, help=f"config YAML (e.g. {config_example})")
+    parser.add_argument("--out", type=Path, required=True, help=out_help)
+    add_overwrite(parser, what)
+    parser.add_argument("--resume", action="store_true", help=resume_help)
+    add_quiet(parser)
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help=f"dotted config overrides, e.g. {overrides_example}")
+
+
+def report_protocol(title: str, out: Path, rows: list, runs: int, table: Callable[[list, Any], str],
+                    metrics: Any, stopped: bool) -> int:
+    """Print a protocol's table and plots; when a signal stopped it, say how to finish (exit status 75)."""
+    from lsmfm.tasks.protocol import STOPPED
+
+    if rows:
+        print(f"\n{title} ({out}/results.csv)")
+        print(table(rows, metrics))
+        print(f"plots: {', '.join(str(out / f'{m}_vs_shots.png') for m in metrics)}")
+    if stopped:
+        print(f"stopped by a signal after {len(rows)} of {runs} runs; they are kept in "
+              f"{out}: run the same command with --resume to finish")
+        return STOPPED
+    return 0
+
+
 def check_output(path: str | Path | None, *, overwrite: bool | None,
                  kind: Literal["folder", "file", "store"] = "folder") -> Path | None:
     """Refuse, before any work, an output that cannot be written: an existing one without `overwrite`,
