@@ -169,14 +169,7 @@ def from_paper_checkpoint(
     for key in ("epoch", "global_step"):
         if isinstance(obj.get(key), int):
             pretraining[key] = obj[key]
-    backbone = dataclasses.replace(infer_backbone_config(state, path, hp), axes="xyz")
-    config = ModelConfig(
-        backbone=backbone,
-        patch_size=[network] * 3,
-        voxel_size=None,
-        normalize=PAPER_NORMALIZE,
-        pretraining=pretraining,
-    )
+    config = _paper_model_config(state, path, hp, network, pretraining)
     warnings.warn(LsmfmNotice(f"{path}: using the {which} encoder ({why})"), stacklevel=3)
     ignored = sorted({k.split(".")[0] + ".*" for k in sd if not k.startswith(PREFIXES[which])}) + sorted(
         k for k in obj if k != "state_dict"
@@ -194,7 +187,6 @@ def from_paper_finetuned(
     sd = obj["state_dict"]
     state = {k[len(FINETUNED_PREFIX) :]: v for k, v in sd.items() if k.startswith(FINETUNED_PREFIX)}
     hp = _section(obj, "hyper_parameters")
-    backbone = dataclasses.replace(infer_backbone_config(state, path, {"model": {"unet": hp}}), axes="xyz")
     size = hp.get("patch_size") or hp.get("img_size") or 96
     size = int(size[0] if isinstance(size, (list, tuple)) else size)
     pretraining = {
@@ -202,14 +194,15 @@ def from_paper_finetuned(
         "paper": PAPER,
         "finetuned_by": "the paper's finetuning scripts",
     }
-    config = ModelConfig(
-        backbone=backbone,
-        patch_size=[size] * 3,
-        voxel_size=None,
-        normalize=PAPER_NORMALIZE,
-        pretraining=pretraining,
-    )
-    return config, state
+    return _paper_model_config(state, path, {"model": {"unet": hp}}, size, pretraining), state
+
+
+def _paper_model_config(state: Mapping[str, torch.Tensor], path: str | Path, hp: Mapping[str, Any],
+                        size: int, pretraining: dict[str, Any]) -> ModelConfig:
+    """The model config of a paper network: architecture from its tensors, (x, y, z) axes, its normalisation."""
+    backbone = dataclasses.replace(infer_backbone_config(state, path, hp), axes="xyz")
+    return ModelConfig(backbone=backbone, patch_size=[size] * 3, voxel_size=None, normalize=PAPER_NORMALIZE,
+                       pretraining=pretraining)
 
 
 def infer_backbone_config(
