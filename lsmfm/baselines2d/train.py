@@ -31,7 +31,8 @@ from lsmfm.io.atomic import atomic_dir
 from lsmfm.io.lock import output_lock
 from lsmfm.progress import progress_bar
 from lsmfm.tasks.base import Geometry, Scores
-from lsmfm.tasks.protocol import Outcome, RunFolder, StopRequest, check_run_dir
+from lsmfm.signals import StopRequest
+from lsmfm.tasks.protocol import Outcome, RunFolder, check_run_dir
 from lsmfm.tasks.results import FINETUNE, fewshot_subset, plot_metrics
 from lsmfm.tasks.train import train_run
 

@@ -32,7 +32,8 @@ from lsmfm.compare.report import LAYOUT
 from lsmfm.device import PeakMemory, resolve_device
 from lsmfm.io.lock import output_lock
 from lsmfm.tasks.base import FinetuneTask
-from lsmfm.tasks.protocol import Outcome, RunFolder, StopRequest, check_run_dir, restore_kept
+from lsmfm.signals import StopRequest
+from lsmfm.tasks.protocol import Outcome, RunFolder, check_run_dir, restore_kept
 
 
 def command(task: str) -> str:

@@ -39,7 +39,8 @@ from lsmfm.tasks.base import Example, FinetuneTask, Geometry, Scores
 from lsmfm.tasks.config import FinetuneConfig
 from lsmfm.tasks.data import Patch, check_channels, check_fits, check_training_images
 from lsmfm.tasks.registry import task_class
-from lsmfm.tasks.protocol import Outcome, RunFolder, StopRequest, check_run_dir, restore_kept
+from lsmfm.signals import StopRequest
+from lsmfm.tasks.protocol import Outcome, RunFolder, check_run_dir, restore_kept
 from lsmfm.tasks.results import FINETUNE, Layout, plot_metrics
 
 

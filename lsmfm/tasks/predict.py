@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import math
 import shutil
-import signal
 import time
 import warnings
 from dataclasses import dataclass
@@ -47,6 +46,7 @@ from lsmfm.io import lock
 from lsmfm.io.atomic import commit_partial
 from lsmfm.io.omezarr import SHARD_CHUNKS
 from lsmfm.io.volumes import Volume, materialize, open_volume
+from lsmfm.signals import StopRequest
 from lsmfm.tasks import volume_store
 from lsmfm.tasks.base import sliding_window
 from lsmfm.tasks.blocks import Block, count_windows, output_grid, plan_blocks, windows_along
@@ -55,7 +55,6 @@ from lsmfm.training import distributed
 
 SUBSAMPLE_VOXELS = 2_000_000
 OUTPUT_CHUNK = 64
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 def store_bounds(path: str | Path, cfg: NormalizeConfig, channels: int) -> list[tuple[float, float]] | None:
@@ -256,7 +255,7 @@ def _run(job: Job, model_dir: str | Path, input_path: str | Path, out: Path, ove
     done = ledger.blocks()
     todo = [i for i in range(len(job.blocks)) if i not in done]
     start = time.perf_counter()
-    stop = _StopRequest()
+    stop = StopRequest()
     try:
         with stop:
             ran = _predict_blocks(job, partial, ledger, todo[env.rank::env.world_size], env, stop, progress)
@@ -300,7 +299,7 @@ def _prepare(partial: Path, out: Path, job: Job, run: dict[str, Any], overwrite:
 
 
 def _predict_blocks(job: Job, partial: Path, ledger: Ledger, mine: list[int], env: distributed.DistEnv,
-                    stop: "_StopRequest", progress: bool) -> int:
+                    stop: StopRequest, progress: bool) -> int:
     """This rank's blocks, each written then recorded; stops after the current block when asked."""
     from lsmfm.progress import progress_bar
 
@@ -334,7 +333,7 @@ def _predict_blocks(job: Job, partial: Path, ledger: Ledger, mine: list[int], en
     return ran
 
 
-def _pyramid(job: Job, partial: Path, ledger: Ledger, env: distributed.DistEnv, stop: "_StopRequest"
+def _pyramid(job: Job, partial: Path, ledger: Ledger, env: distributed.DistEnv, stop: StopRequest
              ) -> bool:
     """Levels 1..n, each split over the ranks; returns True when stopped between levels."""
     if env.is_main:
@@ -407,29 +406,6 @@ def _channel_names(job: Job) -> list[str]:
     if job.mask:
         return ["probability"]
     return [f"restored channel {c}" for c in range(job.volume.czyx.shape[0])]
-
-
-class _StopRequest:
-    """SIGTERM/SIGUSR1 set a flag: the current block is finished and recorded, then the run stops."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> "_StopRequest":
-        for sig in STOP_SIGNALS:
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: signals stay as they are
-                pass
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.requested = True
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 def predict_core(model: torch.nn.Module, data: Any, blk: Block, norm: NormalizeConfig,

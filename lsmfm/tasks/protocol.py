@@ -17,7 +17,6 @@ import csv
 import io
 import json
 import shutil
-import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Hashable, Iterable, Sequence
@@ -32,35 +31,7 @@ from lsmfm.tasks.results import Layout, write_results
 
 MARKER = ".lsmfm-protocol"
 LEGACY_MARKERS = ("config.yaml", "results.csv")  # finetune run folders made before MARKER existed
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 STOPPED = 75  # exit status of a stopped protocol (EX_TEMPFAIL: not finished; --resume continues)
-
-
-class StopRequest:
-    """SIGTERM/SIGUSR1 set a flag (the work in progress decides where to stop); the previous handlers
-    come back on exit. Outside the main thread signals stay as they are."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> "StopRequest":
-        for sig in STOP_SIGNALS:
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:
-                pass
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.requested = True
-
-    def __call__(self) -> bool:
-        return self.requested
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 @dataclass

@@ -15,7 +15,6 @@ import contextlib
 import json
 import random
 import shutil
-import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ from lsmfm.device import resolve_device
 from lsmfm.errors import ConfigError, InputError, LsmfmError
 from lsmfm.io.atomic import atomic_write_text
 from lsmfm.models.ssl import SSLConfig
+from lsmfm.signals import StopRequest
 from lsmfm.training import checkpoint, distributed
 from lsmfm.training.schedules import warmup_cosine
 from lsmfm.training.validation import ValidationConfig
@@ -255,26 +255,6 @@ def build_engine(model: torch.nn.Module, t: TrainConfig, world_size: int, device
     return ds.initialize(model, optimizer, ds_config)
 
 
-class StopRequest:
-    """SIGUSR1 / SIGTERM set a flag; the trainer checkpoints at the next optimizer step and exits."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous: dict[int, Any] = {}
-
-    def install(self) -> None:
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            self._previous[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.requested = True
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
-
-
 class Trainer:
     """Builds model, engine, data stream and logger for one run, then runs the optimizer steps."""
 
@@ -323,20 +303,19 @@ class Trainer:
         batches = self._batches()
         if self.rng_state is not None:  # after the loader drew its base seed, as the interrupted run did
             checkpoint.restore_rng(self.rng_state)
-        self.stop.install()
         try:
-            while self.step < t.max_steps:
-                self._optimizer_step(batches)
-                if self._validate():
-                    self._checkpoint()
-                    break
-                if self._should_stop():
-                    self._checkpoint()
-                    break
-                if self.step % t.checkpoint_every == 0 or self.step == t.max_steps:
-                    self._checkpoint()
+            with self.stop:
+                while self.step < t.max_steps:
+                    self._optimizer_step(batches)
+                    if self._validate():
+                        self._checkpoint()
+                        break
+                    if self._should_stop():
+                        self._checkpoint()
+                        break
+                    if self.step % t.checkpoint_every == 0 or self.step == t.max_steps:
+                        self._checkpoint()
         finally:
-            self.stop.restore()
             self.log.close()
         return self._finish(time.perf_counter() - start, self.step - start_step)
 
