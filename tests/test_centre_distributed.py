@@ -3,12 +3,8 @@ before the centre is read, in the targets and in the state dict, equal on every 
 rows of all ranks together (ranks with different row counts, one with none)."""
 from __future__ import annotations
 
-import os
-
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
-from test_clip_distributed import free_port
+from dist_helpers import run_on_ranks
 
 from lsmfm.losses.distillation import DistillationLoss
 
@@ -16,26 +12,18 @@ ROWS = {0: torch.tensor([[1.0, 0.0, 2.0], [3.0, 2.0, 0.0]]), 1: torch.tensor([[5
         2: torch.zeros(0, 3)}
 
 
-def worker(rank: int, world: int, port: int, results: dict) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        loss = DistillationLoss(3, centre_momentum=0.5)
-        loss.update_centre(ROWS[rank])
-        pending = loss._pending is not None
-        state = loss.state_dict()["centre"].clone()  # the hook applies the pending update
-        loss.update_centre(ROWS[rank])
-        targets = loss.teacher_targets(torch.zeros(1, 3), teacher_temp=1.0)  # applies it before reading
-        results[rank] = (pending, state, loss.centre.clone(), targets)
-    finally:
-        dist.destroy_process_group()
+def rank_centres(rank: int) -> tuple:
+    loss = DistillationLoss(3, centre_momentum=0.5)
+    loss.update_centre(ROWS[rank])
+    pending = loss._pending is not None
+    state = loss.state_dict()["centre"].clone()  # the hook applies the pending update
+    loss.update_centre(ROWS[rank])
+    targets = loss.teacher_targets(torch.zeros(1, 3), teacher_temp=1.0)  # applies it before reading
+    return pending, state, loss.centre.clone(), targets
 
 
 def test_centre_update_is_asynchronous_and_equals_the_all_rank_mean():
-    with mp.Manager() as manager:
-        results = manager.dict()
-        mp.spawn(worker, args=(3, free_port(), results), nprocs=3, join=True)
-        results = dict(results)
+    results = run_on_ranks(rank_centres, 3)
     mean = torch.cat(list(ROWS.values())).mean(dim=0, keepdim=True)  # (3, 1, 1) = [3, 1, 1]
     first, second = 0.5 * mean, 0.75 * mean
     for rank in ROWS:

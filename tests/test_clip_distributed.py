@@ -6,12 +6,8 @@ concatenated batch.
 """
 from __future__ import annotations
 
-import os
-import socket
-
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from dist_helpers import run_on_ranks
 
 from lsmfm.losses.clip import ClipLoss, text_ids
 
@@ -23,33 +19,18 @@ def features() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(2, 8, generator=g), torch.randn(2, 8, generator=g)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def worker(rank: int, world: int, port: int, results: dict) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        img, txt = features()
-        local_img = img[rank:rank + 1].clone().requires_grad_(True)
-        local_txt = txt[rank:rank + 1].clone().requires_grad_(True)
-        torch.manual_seed(0)
-        out = ClipLoss(init_temperature=0.1)(local_img, local_txt, text_ids(TEXTS[rank:rank + 1]))
-        out.loss.backward()
-        results[rank] = (out.loss.item(), local_img.grad.abs().sum().item(),
-                         local_txt.grad.abs().sum().item())
-    finally:
-        dist.destroy_process_group()
+def rank_loss(rank: int) -> tuple[float, float, float]:
+    img, txt = features()
+    local_img = img[rank:rank + 1].clone().requires_grad_(True)
+    local_txt = txt[rank:rank + 1].clone().requires_grad_(True)
+    torch.manual_seed(0)
+    out = ClipLoss(init_temperature=0.1)(local_img, local_txt, text_ids(TEXTS[rank:rank + 1]))
+    out.loss.backward()
+    return out.loss.item(), local_img.grad.abs().sum().item(), local_txt.grad.abs().sum().item()
 
 
 def test_two_ranks_batch_one_gives_nonzero_loss_and_gradient():
-    with mp.Manager() as manager:
-        results = manager.dict()
-        mp.spawn(worker, args=(2, free_port(), results), nprocs=2, join=True)
-        results = dict(results)
+    results = run_on_ranks(rank_loss, 2)
     img, txt = features()
     single = ClipLoss(init_temperature=0.1)(img, txt, text_ids(TEXTS)).loss.item()
     assert single > 0.01
