@@ -29,10 +29,9 @@ from lsmfm.device import PeakMemory, resolve_device
 from lsmfm.errors import InputError
 from lsmfm.io.atomic import atomic_dir
 from lsmfm.io.lock import output_lock
-from lsmfm.progress import progress_bar
-from lsmfm.tasks.base import Geometry, Scores
+from lsmfm.tasks.base import Geometry
 from lsmfm.signals import StopRequest
-from lsmfm.tasks.protocol import Outcome, RunFolder, check_run_dir
+from lsmfm.tasks.protocol import Outcome, RunFolder, check_run_dir, run_pending
 from lsmfm.tasks.results import FINETUNE, fewshot_subset, plot_metrics
 from lsmfm.tasks.train import train_run
 
@@ -75,20 +74,13 @@ def run_baseline(cfg: Baseline2DConfig, out_dir: str | Path, overwrite: bool = F
             print(f"resuming {out_dir}: {len(resumed)} of {len(runs)} runs finished earlier, skipped",
                   flush=True)
         _discard_unfinished(folder, out_dir, cfg)
-        with StopRequest() as stop:
-            stopped = False
-            for shots, seed, init in progress_bar([r for r in runs if not folder.done(r)],
-                                                  desc=f"{cfg.model.name}+{cfg.peft.method}", unit="run",
-                                                  enabled=progress):
-                if stop():
-                    stopped = True
-                    break
-                row, scores = _run_one(cfg, base, task, splits, subsets[(shots, seed)], shots, seed, device,
-                                       out_dir, progress, stop)
-                if row is None:
-                    stopped = True
-                    break
-                folder.record(row, scores.per_image)
+
+        def run_one(run: tuple, stop: StopRequest) -> tuple[dict[str, Any], dict] | None:
+            shots, seed, _ = run
+            return _run_one(cfg, base, task, splits, subsets[(shots, seed)], shots, seed, device, out_dir,
+                            progress, stop)
+
+        stopped = run_pending(folder, runs, run_one, f"{cfg.model.name}+{cfg.peft.method}", progress)
         rows = folder.ordered_rows()
         if rows:
             plot_metrics(out_dir, rows, METRICS, title=f"{cfg.model.name} + {cfg.peft.method}")
@@ -97,8 +89,8 @@ def run_baseline(cfg: Baseline2DConfig, out_dir: str | Path, overwrite: bool = F
 
 def _run_one(cfg: Baseline2DConfig, base: Any, task: SliceTask, splits: Any, train: list[int], shots: int,
              seed: int, device: torch.device, out_dir: Path, progress: bool, stop: Any
-             ) -> tuple[dict[str, Any] | None, Scores]:
-    """Train and score one (shots, seed); (None, ...) when a signal interrupted it."""
+             ) -> tuple[dict[str, Any], dict] | None:
+    """Train and score one (shots, seed): its row and per-image scores; None when a signal interrupted it."""
     name = f"shots{shots}_seed{seed}"
     memory = PeakMemory(device)
     memory.reset()
@@ -110,7 +102,7 @@ def _run_one(cfg: Baseline2DConfig, base: Any, task: SliceTask, splits: Any, tra
                        log_dir=out_dir / "tb" / name, desc=name, progress=progress, stop=stop)
     if result.interrupted:
         shutil.rmtree(out_dir / "tb" / name, ignore_errors=True)
-        return None, Scores({})
+        return None
     scores = task.score(model, splits.test)
     peak = memory.peak_mb()
     if cfg.save_predictions:
@@ -129,7 +121,7 @@ def _run_one(cfg: Baseline2DConfig, base: Any, task: SliceTask, splits: Any, tra
            "peak_memory_mb": round(peak, 1), "sec_per_iter": round(result.sec_per_iter, 4),
            "train_seconds": round(result.seconds, 2), "steps": result.steps,
            "train_cases": " ".join(c.name for c in cases)}
-    return row, scores
+    return row, scores.per_image
 
 
 def _discard_unfinished(folder: RunFolder, out_dir: Path, cfg: Baseline2DConfig) -> None:

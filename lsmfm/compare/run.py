@@ -33,7 +33,8 @@ from lsmfm.device import PeakMemory, resolve_device
 from lsmfm.io.lock import output_lock
 from lsmfm.tasks.base import FinetuneTask
 from lsmfm.signals import StopRequest
-from lsmfm.tasks.protocol import Outcome, RunFolder, check_run_dir, restore_kept
+from lsmfm.tasks.protocol import (Outcome, RunFolder, check_run_dir, keep_run, restore_kept, run_dir_of,
+                                  run_pending)
 
 
 def command(task: str) -> str:
@@ -103,29 +104,25 @@ def _run_name(key: tuple) -> str:
 def _run_all(plan: ComparePlan, folder: RunFolder, out_dir: Path, kept: dict[tuple, dict[str, Any]],
              progress: bool) -> bool:
     """Run what is not finished; True when a signal stopped the protocol."""
-    from lsmfm.progress import progress_bar
-
-    todo = [r for r in plan.runs if not folder.done(plan.key(*r))]
     memory = PeakMemory(plan.context.device)
-    with StopRequest() as stop:
-        for shots, seed, arm in progress_bar(todo, desc=f"compare {plan.task.name}", unit="run",
-                                             enabled=progress):
-            if stop():
-                return True
-            name = _run_name(plan.key(shots, seed, arm))
+
+    def run_one(run: tuple, stop: StopRequest) -> tuple[dict[str, Any], Any] | None:
+        shots, seed, arm = run
+        name = _run_name(plan.key(shots, seed, arm))
+        folder.discard(out_dir / "tb" / name)
+        memory.reset()
+        train = plan.subsets[(shots, seed)]
+        model, result = arm.train(train, seed, out_dir / "tb" / name, name, progress, stop)
+        if result.interrupted:
             folder.discard(out_dir / "tb" / name)
-            memory.reset()
-            train = plan.subsets[(shots, seed)]
-            model, result = arm.train(train, seed, out_dir / "tb" / name, name, progress, stop)
-            if result.interrupted:
-                folder.discard(out_dir / "tb" / name)
-                return True
-            scores = arm.test(model)
-            row = _row(plan, arm, shots, seed, train, result, scores.metrics, memory.peak_mb())
-            _keep(plan, arm, out_dir, kept, row, model, scores)
-            folder.record(row, scores.per_image)
-            del model
-    return False
+            return None
+        scores = arm.test(model)
+        row = _row(plan, arm, shots, seed, train, result, scores.metrics, memory.peak_mb())
+        _keep(plan, arm, out_dir, kept, row, model, scores)
+        return row, scores.per_image
+
+    return run_pending(folder, plan.runs, run_one, f"compare {plan.task.name}", progress,
+                       key=lambda run: plan.key(*run))
 
 
 def _row(plan: ComparePlan, arm: Arm, shots: int, seed: int, train: list[int], result: Any,
@@ -142,16 +139,9 @@ def _row(plan: ComparePlan, arm: Arm, shots: int, seed: int, train: list[int], r
 def _keep(plan: ComparePlan, arm: Arm, out_dir: Path, kept: dict[tuple, dict[str, Any]], row: dict[str, Any],
           model: Any, scores: Any) -> None:
     """Save the run if keep=all, or if it is the best-validated seed of its (arm, shots) so far."""
-    key = (arm.name, row["shots"])
-    score = row[f"val_{plan.task.val_metric}"]
-    previous = kept.get(key)
-    if plan.cfg.keep == "best" and previous is not None and not score > previous["score"]:
-        return
-    target = out_dir / arm.name / f"shots{row['shots']}_seed{row['seed']}"
-    arm.save(model, scores, target, _record(plan, arm, row, scores, out_dir))
-    if plan.cfg.keep == "best" and previous is not None:
-        shutil.rmtree(previous["dir"], ignore_errors=True)
-    kept[key] = {"score": score, "dir": target}
+    keep_run(kept, (arm.name, row["shots"]), row[f"val_{plan.task.val_metric}"], plan.cfg.keep,
+             run_dir_of(out_dir, arm.name, row["shots"], row["seed"]),
+             lambda target: arm.save(model, scores, target, _record(plan, arm, row, scores, out_dir)))
 
 
 def _record(plan: ComparePlan, arm: Arm, row: dict[str, Any], scores: Any, out_dir: Path) -> dict[str, Any]:

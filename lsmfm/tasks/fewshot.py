@@ -40,7 +40,8 @@ from lsmfm.tasks.config import FinetuneConfig
 from lsmfm.tasks.data import Patch, check_channels, check_fits, check_training_images
 from lsmfm.tasks.registry import task_class
 from lsmfm.signals import StopRequest
-from lsmfm.tasks.protocol import Outcome, RunFolder, check_run_dir, restore_kept
+from lsmfm.tasks.protocol import (Outcome, RunFolder, check_run_dir, keep_run, restore_kept, run_dir_of,
+                                  run_pending)
 from lsmfm.tasks.results import FINETUNE, Layout, plot_metrics
 
 
@@ -201,31 +202,27 @@ def run_fewshot(plan: Plan, out_dir: str | Path, progress: bool = True, overwrit
 def _run_all(plan: Plan, folder: RunFolder, out_dir: Path, kept: dict[tuple, dict[str, Any]],
              progress: bool) -> bool:
     """Run what is not finished; True when a signal stopped the protocol."""
-    from lsmfm.progress import progress_bar
-
     examples = {name: [plan.task.prepare(p, plan.normalize) for p in patches]
                 for name, patches in plan.splits.items()}
-    todo = [r for r in plan.runs if not folder.done(r)]
-    with StopRequest() as stop:
-        for shots, seed, init in progress_bar(todo, desc=f"finetune {plan.task.name}", unit="run",
-                                              enabled=progress):
-            if stop():
-                return True
-            name = f"{init}_shots{shots}_seed{seed}"
+
+    def run_one(run: tuple, stop: StopRequest) -> tuple[dict[str, Any], Any] | None:
+        shots, seed, init = run
+        name = f"{init}_shots{shots}_seed{seed}"
+        folder.discard(out_dir / "tb" / name)
+        train = [examples["train"][i] for i in plan.subsets[(shots, seed)]]
+        model, result = _train_one(plan, init, seed, train, examples["val"], out_dir / "tb" / name, name,
+                                   progress, stop)
+        if result.interrupted:
             folder.discard(out_dir / "tb" / name)
-            train = [examples["train"][i] for i in plan.subsets[(shots, seed)]]
-            model, result = _train_one(plan, init, seed, train, examples["val"], out_dir / "tb" / name, name,
-                                       progress, stop)
-            if result.interrupted:
-                folder.discard(out_dir / "tb" / name)
-                return True
-            scores = plan.task.score(model, examples["test"], plan.geometry.window, plan.geometry.overlap)
-            row = {"shots": shots, "seed": seed, "init": init, **scores.metrics,
-                   f"val_{plan.task.val_metric}": result.val_score, "best_step": result.best_step,
-                   "steps": result.steps, "train_patches": " ".join(ex.patch.stem for ex in train)}
-            _keep(plan, out_dir, kept, row, model, scores, examples["test"])
-            folder.record(row, scores.per_image)
-    return False
+            return None
+        scores = plan.task.score(model, examples["test"], plan.geometry.window, plan.geometry.overlap)
+        row = {"shots": shots, "seed": seed, "init": init, **scores.metrics,
+               f"val_{plan.task.val_metric}": result.val_score, "best_step": result.best_step,
+               "steps": result.steps, "train_patches": " ".join(ex.patch.stem for ex in train)}
+        _keep(plan, out_dir, kept, row, model, scores, examples["test"])
+        return row, scores.per_image
+
+    return run_pending(folder, plan.runs, run_one, f"finetune {plan.task.name}", progress)
 
 
 def _train_one(plan: Plan, init: str, seed: int, train: list[Example], val: list[Example], log_dir: Path,
@@ -249,16 +246,10 @@ def _train_one(plan: Plan, init: str, seed: int, train: list[Example], val: list
 def _keep(plan: Plan, out_dir: Path, kept: dict[tuple, dict[str, Any]], row: dict[str, Any],
           model: nn.Module, scores: Scores, test: list[Example]) -> None:
     """Save the run's model and test predictions if keep=all, or if it is the best-validated seed so far."""
-    key = (str(row["init"]), int(row["shots"]))
-    score = row[f"val_{plan.task.val_metric}"]
-    previous = kept.get(key)
-    if plan.cfg.keep == "best" and previous is not None and not score > previous["score"]:
-        return
-    target = out_dir / str(row["init"]) / f"shots{row['shots']}_seed{row['seed']}"
-    save_run(plan, model, scores, test, target, finetuning_record(plan, row, scores, out_dir))
-    if plan.cfg.keep == "best" and previous is not None:
-        shutil.rmtree(previous["dir"], ignore_errors=True)
-    kept[key] = {"score": score, "dir": target}
+    keep_run(kept, (str(row["init"]), int(row["shots"])), row[f"val_{plan.task.val_metric}"], plan.cfg.keep,
+             run_dir_of(out_dir, row["init"], row["shots"], row["seed"]),
+             lambda target: save_run(plan, model, scores, test, target,
+                                     finetuning_record(plan, row, scores, out_dir)))
 
 
 def save_run(plan: Plan, model: nn.Module, scores: Scores, test: list[Example], target: Path,

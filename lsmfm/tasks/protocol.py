@@ -19,7 +19,7 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Hashable, Iterable, Sequence
+from typing import Any, Callable, Hashable, Iterable, Sequence
 
 import yaml
 
@@ -27,6 +27,7 @@ from lsmfm.config import read_yaml, save_config, to_dict
 from lsmfm.errors import InputError
 from lsmfm.io.atomic import atomic_write_text
 from lsmfm.provenance import KEY as PROVENANCE_KEY
+from lsmfm.signals import StopRequest
 from lsmfm.tasks.results import Layout, write_results
 
 MARKER = ".lsmfm-protocol"
@@ -198,3 +199,35 @@ def restore_kept(folder: RunFolder, out_dir: Path, keep: str, val_column: str) -
         if path.is_dir() and path not in wanted and path.parent.name != "tb":
             folder.discard(path)
     return kept
+
+
+def run_pending(folder: RunFolder, runs: Sequence[Any], run_one: Callable[[Any, StopRequest], Any], desc: str,
+                progress: bool, key: Callable[[Any], Hashable] = lambda run: run) -> bool:
+    """Run, in plan order, the runs the folder has not finished; `run_one(run, stop)` returns the run's
+    (row, per-image scores) to record, or None when a signal interrupted it. True when a signal stopped
+    the protocol (before a run or during one)."""
+    from lsmfm.progress import progress_bar
+
+    with StopRequest() as stop:
+        for run in progress_bar([r for r in runs if not folder.done(key(r))], desc=desc, unit="run",
+                                enabled=progress):
+            if stop():
+                return True
+            finished = run_one(run, stop)
+            if finished is None:
+                return True
+            folder.record(*finished)
+    return False
+
+
+def keep_run(kept: dict[tuple, dict[str, Any]], key: tuple, score: float, keep: str, target: Path,
+             save: Callable[[Path], None]) -> None:
+    """Save a run to `target` if keep=all, or if it is the best-validated run of `key` so far (the one it
+    replaces is removed); `kept` as `restore_kept` returns it."""
+    previous = kept.get(key)
+    if keep == "best" and previous is not None and not score > previous["score"]:
+        return
+    save(target)
+    if keep == "best" and previous is not None:
+        shutil.rmtree(previous["dir"], ignore_errors=True)
+    kept[key] = {"score": score, "dir": target}
