@@ -54,7 +54,7 @@ def add_quiet(parser: Any) -> None:
 
 def add_protocol_arguments(parser: Any, *, config_example: str, out_help: str, what: str, resume_help: str,
                            overrides_example: str) -> None:
-    """The arguments of a few-shot protocol command (finetune, compare): config, run folder, resume, overrides."""
+    """Arguments of a few-shot protocol command (finetune, compare): config, run folder, resume, overrides."""
     parser.add_argument("--config", type=Path, default=None, help=f"config YAML (e.g. {config_example})")
     parser.add_argument("--out", type=Path, required=True, help=out_help)
     add_overwrite(parser, what)

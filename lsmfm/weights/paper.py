@@ -199,7 +199,7 @@ def from_paper_finetuned(
 
 def _paper_model_config(state: Mapping[str, torch.Tensor], path: str | Path, hp: Mapping[str, Any],
                         size: int, pretraining: dict[str, Any]) -> ModelConfig:
-    """The model config of a paper network: architecture from its tensors, (x, y, z) axes, its normalisation."""
+    """Model config of a paper network: architecture from its tensors, (x, y, z) axes, its normalisation."""
     backbone = dataclasses.replace(infer_backbone_config(state, path, hp), axes="xyz")
     return ModelConfig(backbone=backbone, patch_size=[size] * 3, voxel_size=None, normalize=PAPER_NORMALIZE,
                        pretraining=pretraining)
