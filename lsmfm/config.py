@@ -42,7 +42,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{p}: not valid YAML: {exc}") from exc
+        raise ConfigError(f"{p}: not valid YAML: {_yaml_problem(exc)}") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: top level must be a mapping, got {type(data).__name__}")
     return data
@@ -63,7 +63,10 @@ def apply_override(data: dict[str, Any], item: str) -> None:
         if not isinstance(child, (dict, list)):
             raise ConfigError(f"override {item!r}: {part!r} is not a section")
         node = child
-    value = yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {item!r}: the value is not valid YAML: {_yaml_problem(exc)}") from exc
     if isinstance(node, list):
         _item(node, parts[-1], item)
         node[int(parts[-1])] = value
@@ -76,6 +79,13 @@ def _item(items: list[Any], part: str, override: str) -> Any:
     if not part.isdigit() or int(part) >= len(items):
         raise ConfigError(f"override {override!r}: {part!r} is not an index of the {len(items)} list entries")
     return items[int(part)]
+
+
+def _yaml_problem(exc: Exception) -> str:
+    """PyYAML's multi-line message as one line: the problem and where (`line 2, column 1`)."""
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    mark = getattr(exc, "problem_mark", None)
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem
 
 
 def from_dict(cls: type[T], data: dict[str, Any], source: str = "<dict>", prefix: str = "") -> T:

@@ -61,6 +61,20 @@ def test_config_errors_name_the_key(override, fragment):
         load_config(_Cfg, None, [override])
 
 
+def test_invalid_yaml_is_one_line_with_where(tmp_path):
+    """PyYAML's messages span lines (with a caret drawing); the CLI prints one line per error."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  lr: 1\n max_steps: 2\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(_Cfg, bad)
+    assert str(err.value).startswith(f"{bad}: not valid YAML: ") and "at line 3, column" in str(err.value)
+    assert "\n" not in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        load_config(_Cfg, None, ["shots=[1,2"])
+    assert str(err.value).startswith("override 'shots=[1,2': the value is not valid YAML: ")
+    assert "\n" not in str(err.value)
+
+
 def test_config_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(_Cfg, tmp_path / "nope.yaml")
