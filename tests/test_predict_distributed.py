@@ -116,7 +116,7 @@ def test_sigterm_finishes_the_block_records_it_and_exits_75(setup, reference):
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     output = _finish(proc, 75)
-    assert "run the same command again to finish" in output
+    assert "run the same command again to finish (or delete it to discard them)" in output
     done = _ledger(out)
     assert 1 <= done < 12 and not out.exists()
     _finish(_launch(setup, out, 1))
