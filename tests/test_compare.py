@@ -108,14 +108,16 @@ def _check_kept(run: Path, dataset: dict[str, Path]) -> None:
         assert nib.load(str(preds[0])).shape == (32, 32, 32)
 
 
-def test_3d_arms_reproduce_lsmfm_finetune(dataset, weights, tmp_path):
+@pytest.mark.parametrize("bn_stats", ["keep", "reestimate"])
+def test_3d_arms_reproduce_lsmfm_finetune(dataset, weights, tmp_path, bn_stats):
     """The same trainer, seeds and volumes: compare's pretrained and scratch rows are finetune's."""
     common = [*data_overrides(dataset), "shots=[1]", "seeds=[0,1]", "train.max_steps=3", "train.val_every=3",
               "train.batch_size=1", "device=cpu"]
     assert main(["finetune", "segment", "--out", str(tmp_path / "ft"), "--quiet", f"pretrained={weights}",
-                 *common]) == 0
+                 f"bn_stats={bn_stats}", *common]) == 0
+    arm = f"{{name: unet, kind: pretrained, source: {weights}, bn_stats: {bn_stats}}}"
     assert main(["compare", "segment", "--out", str(tmp_path / "cmp"), "--quiet", *common,
-                 _arms(_pretrained(weights), "{name: scratch, kind: scratch}")]) == 0
+                 _arms(arm, "{name: scratch, kind: scratch}")]) == 0
     finetune = {(r["init"], r["seed"]): r for r in results(tmp_path / "ft")}
     for r in results(tmp_path / "cmp"):
         twin = finetune[("pretrained" if r["arm"] == "unet" else "scratch", r["seed"])]
@@ -211,6 +213,7 @@ def test_run_folder_rules_and_config_errors(dataset, weights, tmp_path, capsys):
         ("arms=[{name: a, kind: pretrained, source: x, options: {wich: student}}]",
          "unknown load_pretrained option(s) ['wich']"),
         ("arms=[{name: a, kind: scratch, source: x}]", "`source` does not apply to kind scratch"),
+        ("arms=[{name: a, kind: scratch, bn_stats: reestimate}]", "`bn_stats` and `scale` do not apply"),
         ("arms=[{name: tb, kind: scratch}]", "arm name 'tb'"),
         ("arms=[{name: a, kind: scratch, train: {lrr: 1}}]", "arms[0].train.lrr"),
         ("arms=[]", "arms must list at least one arm"),
