@@ -135,3 +135,38 @@ def test_pretrain_step_benchmark_writes_the_ratios_and_the_readme_block(tmp_path
     subprocess.run([sys.executable, str(REPO / "benchmarks/pretrain_step.py"), "--from-json", str(out),
                     "--readme", str(again)], capture_output=True, text=True, check=True)
     assert again.read_text() == text
+
+
+def _results(folder: Path, column: str, rows: list[tuple]) -> Path:
+    folder.mkdir()
+    lines = [f"shots,seed,{column},dice,cldice,iou"] + [",".join(map(str, r)) for r in rows]
+    (folder / "results.csv").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def test_paired_table_pairs_arms_by_shots_and_seed(tmp_path):
+    """Two finetune runs (init column) and a comparison (arm column): hand-computed paired differences."""
+    pre = _results(tmp_path / "pre", "init", [(1, 0, "pretrained", 0.5, 0.5, 0.5),
+                                              (1, 1, "pretrained", 0.2, 0.2, 0.2)])
+    scr = _results(tmp_path / "scr", "init", [(1, 0, "scratch", 0.3, 0.3, 0.3),
+                                              (1, 1, "scratch", 0.4, 0.4, 0.4),
+                                              (2, 0, "scratch", 0.9, 0.9, 0.9)])
+    out = tmp_path / "paired.json"
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks/paired.py"), str(pre), str(scr),
+                           "--json", str(out)], capture_output=True, text=True, check=True)
+    rows = json.loads(out.read_text())
+    assert [(r["shots"], r["metric"], r["arm"]) for r in rows] == [(1, m, "pretrained")
+                                                                    for m in ("dice", "cldice", "iou")]
+    dice = rows[0]
+    assert dice["arm_score"]["mean"] == pytest.approx(0.35)
+    assert dice["arm_score"]["std"] == pytest.approx(0.15)
+    assert dice["difference"]["mean"] == pytest.approx(0.0)
+    assert dice["difference"]["std"] == pytest.approx(0.2)
+    assert (dice["better"], dice["seeds"]) == (1, 2)
+    row = "| 1 | dice | pretrained | 0.350 ± 0.150 | 0.350 ± 0.050 | +0.000 ± 0.200 | 1/2 |"
+    assert row in done.stdout
+    arms = _results(tmp_path / "cmp", "arm", [(1, 0, "scratch", 0.3, 0.3, 0.3),
+                                              (1, 0, "sam", 0.1, 0.1, 0.1)])
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks/paired.py"), str(arms)],
+                          capture_output=True, text=True, check=True)
+    assert "| 1 | dice | sam | 0.100 ± 0.000 | 0.300 ± 0.000 | −0.200 ± 0.000 | 0/1 |" in done.stdout

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from lsmfm.compare.config import compare_config_class
 from lsmfm.config import load_config
 from lsmfm.data.catalog.entries import load_catalog
 from lsmfm.io.volumes import read_volume
@@ -31,6 +32,17 @@ def test_finetune_configs_give_scratch_the_same_optimiser(name):
     assert cfg.init == "both" and cfg.train.mode == "full" and cfg.train.encoder_lr_scale == 1.0
     assert cfg.shots == [1, 2, 3] and cfg.seeds == [0, 1, 2]
     assert cfg.segment.binarize == (name == "in_domain_confocal")
+
+
+def test_comparison_config_runs_the_in_domain_protocol_for_every_arm():
+    """finetune/compare_in_domain.yaml: its 3D arms are the runs of in_domain_segment.yaml (same data, steps,
+    loss), plus a 2D arm under the same budget."""
+    cmp = load_config(compare_config_class("segment"), REPO / "finetune" / "compare_in_domain.yaml")
+    ft = load_config(SegmentFinetuneConfig, REPO / "finetune" / "in_domain_segment.yaml")
+    assert (cmp.data, cmp.train, cmp.segment, cmp.shots, cmp.seeds) == (ft.data, ft.train, ft.segment,
+                                                                          ft.shots, ft.seeds)
+    assert [a.kind for a in cmp.arms] == ["pretrained", "scratch", "baseline2d"]
+    assert cmp.arms[0].source == ft.pretrained and not any(a.train for a in cmp.arms)
 
 
 @pytest.mark.shared
