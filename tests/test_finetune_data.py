@@ -152,3 +152,30 @@ def test_existing_run_folder_is_refused(tmp_path: Path, capsys: pytest.CaptureFi
     assert main(["finetune", "segment", "--out", str(out), "init=scratch"]) == 1
     assert "already exists and is not empty" in capsys.readouterr().err
     assert (out / "results.csv").read_text() == "old"
+
+
+@pytest.mark.parametrize("command", [["finetune", "segment"], ["compare", "segment"]])
+def test_empty_labels_and_constant_images_are_refused_naming_the_files(tmp_path: Path, command: list[str],
+                                                                       capsys: pytest.CaptureFixture) -> None:
+    """Training on labels that are all empty, or on a constant image, would run to the end and mean
+    nothing: refused before any output, every such file named (empty labels: unless segment.allow_empty)."""
+    dirs = write_dataset(tmp_path / "data", n_train=1, n_eval=1, size=32)
+    setting = SCRATCH[1:] + ["arms=[{name: s, kind: scratch}]"] if command[0] == "compare" else SCRATCH
+    base = [*command, *data_overrides(dirs), *setting, "shots=[1]", "seeds=[0,1,2,3,4,5]"]
+    out = tmp_path / "run"
+    labels = sorted(dirs["train"].glob("*_label.nii.gz"))
+    for label in labels:
+        write_nifti(label, np.zeros((32, 32, 32), np.uint8))
+    assert main([*base, "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "every training label is empty (" in err and not out.exists()
+    assert "nothing to segment; add annotated volumes, or set segment.allow_empty=true" in err
+    assert all(label.name.replace("_label", "") in err for label in labels), err
+    kept = labels[0]
+    write_nifti(kept, (np.arange(32 ** 3).reshape((32,) * 3) % 7 == 0).astype(np.uint8))
+    _fails(base, out, capsys, "draws only volumes with empty labels (")
+    assert main([*base, "seeds=[0]", "segment.allow_empty=true", "--out", str(out), "--quiet"]) == 0
+    image = dirs["train"] / kept.name.replace("_label", "")
+    write_nifti(image, np.full((32, 32, 32), 7.0, np.float32))
+    _fails([*base, "segment.allow_empty=true"], tmp_path / "run2", capsys,
+           f"1 training image(s) are constant (every voxel 7 or the like): {image}")
