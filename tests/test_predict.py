@@ -261,6 +261,51 @@ def test_cli(tmp_path, seg_model, capsys):
     assert "already exists" in capsys.readouterr().err
 
 
+def test_prediction_honours_the_recorded_axes_and_scale(tmp_path):
+    """A model kept from a paper checkpoint finetuned at `scale: pretraining` (axes xyz, input scale 2/3,
+    the teacher with re-estimated BatchNorm statistics): the prediction is the raw MONAI network's sliding
+    window on windows resized to the pretraining scale and transposed to (x, y, z), and says so."""
+    import dataclasses
+
+    import torch.nn.functional as F
+    from monai.networks.nets import UNet
+
+    torch.manual_seed(0)
+    plain = UNetConfig(channels=[4, 8], strides=[2], num_res_units=0, out_channels=4)
+    recorded = dataclasses.replace(plain, axes="xyz", input_scale=2 / 3)
+    model = build_task_model("segment", build_backbone(recorded), None).eval()
+    with torch.no_grad():
+        model.head.weight.mul_(100)
+    started = {"which": "teacher", "batchnorm": {"reestimated_on": "4 windows of (24, 24, 24) voxels"}}
+    config = ModelConfig(backbone=recorded, patch_size=[24] * 3, normalize=NORM, pretraining=started)
+    save_task_model(model, tmp_path / "model", config, threshold=0.5)
+    raw = UNet(**plain.monai_network()[1]).eval()
+    raw.load_state_dict(model.backbone.state_dict())
+
+    def paper_way(w: torch.Tensor) -> torch.Tensor:
+        small = F.interpolate(w, size=(16, 16, 16), mode="trilinear", align_corners=False)
+        dense = raw(small.permute(0, 1, 4, 3, 2)).permute(0, 1, 4, 3, 2)
+        return model.head(F.interpolate(dense, size=w.shape[2:], mode="trilinear", align_corners=False))
+
+    volume = synthetic_volume((40, 30, 36))
+    src = write_store(tmp_path / "in.zarr", volume)
+    summary = predict_volume(tmp_path / "model", src, tmp_path / "p.zarr", PredictOptions(block=32),
+                             progress=False)
+    assert summary["model_reads"] == {"axes": "xyz", "input_scale": 2 / 3, **started}
+    prob = zarr.open_array(str(tmp_path / "p.zarr/0"), mode="r")[0]
+    x = percentile_normalize(volume.astype(np.float32), NORM, summary["bounds"][0])
+    with torch.inference_mode():
+        want = torch.sigmoid(sliding_window_inference(torch.from_numpy(x)[None, None], [24] * 3, 1, paper_way,
+                                                      overlap=0.25, mode="gaussian"))[0, 0].numpy()
+        native = torch.sigmoid(sliding_window_inference(torch.from_numpy(x)[None, None], [24] * 3, 1,
+                                                        lambda w: model.head(raw(w)), overlap=0.25,
+                                                        mode="gaussian"))[0, 0].numpy()
+    assert want.std() > 0.05 and np.abs(native - want).max() > 0.1  # the recorded reading matters
+    np.testing.assert_allclose(prob, want, atol=1e-5)
+    meta = zarr.open_group(str(tmp_path / "p.zarr"), mode="r").attrs["lsmfm"]["prediction"]
+    assert meta["model_reads"] == summary["model_reads"]
+
+
 def test_prediction_process_never_imports_transformers(tmp_path, seg_model):
     """MONAI is imported without transformers (about 100 MiB and 2 s of imports) when predicting."""
     src = write_store(tmp_path / "in.zarr", synthetic_volume((40, 36, 44)))

@@ -209,7 +209,8 @@ def _plan_job(model_dir: str | Path, input_path: str | Path, opts: PredictOption
         "patch_size": list(config.patch_size), "block": opts.block, "overlap": opts.overlap,
         "bounds": [list(b) for b in bounds], "bounds_source": source, "model_voxel_size": config.voxel_size,
         "normalize": {"lower": config.normalize.lower, "upper": config.normalize.upper,
-                      "clip": config.normalize.clip}}
+                      "clip": config.normalize.clip},
+        "model_reads": model_reads(config)}
     if model.spec.volume_output == "mask":
         recorded = config.task.get("threshold", 0.5)
         info["threshold"] = float(opts.threshold if opts.threshold is not None else recorded)
@@ -218,6 +219,14 @@ def _plan_job(model_dir: str | Path, input_path: str | Path, opts: PredictOption
     blocks = plan_blocks(volume.spatial_shape, roi, opts.overlap, opts.block, shard)  # type: ignore[arg-type]
     factors = pyramid_factors(volume.spatial_shape, volume.voxel_size, chunk)
     return Job(model, config, volume, bounds, opts, info, blocks, chunk, shard // chunk, factors)
+
+
+def model_reads(config: Any) -> dict[str, Any]:
+    """How the model sees the volume, as its config records it (the axis order and voxel scale its
+    network was trained at, which pretrained encoder and BatchNorm statistics it started from), so a
+    prediction says how it was made."""
+    started = {k: config.pretraining[k] for k in ("which", "batchnorm") if k in config.pretraining}
+    return {"axes": config.backbone.axes, "input_scale": config.backbone.input_scale, **started}
 
 
 class _Rank0Lock:
