@@ -403,3 +403,59 @@ def test_truncated_nifti_input_is_one_line(tmp_path, seg_model, capsys):
     assert err.count("\n") == 1 and "Traceback" not in err
     assert "t.nii.gz: corrupt or truncated gzip stream" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.nii.gz", "v.nii.gz"]
+
+
+@pytest.mark.parametrize("imagej", [True, False])
+def test_truncated_tiff_input_is_one_line(tmp_path, seg_model, capsys, imagej):
+    """A TIFF cut short (a copy that stopped) is named as truncated, not as "a 2D image"."""
+    import tifffile
+
+    from lsmfm.data.synthetic.write import write_tiff
+
+    volume, path = synthetic_volume((40, 36, 44)), tmp_path / "v.tif"
+    write_tiff(path, volume, VOXEL) if imagej else tifffile.imwrite(path, volume)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) * 2 // 3])
+    out = tmp_path / "p.zarr"
+    assert main(["predict", "--model", str(seg_model[0]), "--input", str(path), "--out", str(out),
+                 "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert f"{path}: truncated " in err or f"{path}: truncated or corrupt TIFF" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v.tif"]
+
+
+def test_a_full_disk_midway_is_one_line_and_the_same_command_resumes(tmp_path, seg_model, monkeypatch, capsys):
+    """ENOSPC from the store after some blocks: one line naming the output, the finished blocks kept (with
+    a warning), and once there is space the same command runs only the rest, to the uninterrupted result."""
+    import errno
+
+    from zarr.storage import LocalStore
+
+    model_dir, _ = seg_model
+    src = write_store(tmp_path / "in.zarr", synthetic_volume((70, 36, 44)))
+    real, writes = LocalStore.set, []
+
+    async def filling(self, key, value, *args, **kwargs):
+        if (key.startswith("c/") or "/c/" in key) and "p.zarr.partial" in str(self.root):
+            writes.append(key)
+            if len(writes) > 12:
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return await real(self, key, value, *args, **kwargs)
+
+    out = tmp_path / "p.zarr"
+    args = ["predict", "--model", str(model_dir), "--input", str(src), "--block", "32", "--quiet"]
+    monkeypatch.setattr(LocalStore, "set", filling)
+    assert main([*args, "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == f"lsmfm predict: error: {out}: no space left on device", err
+    assert "finished block(s) are kept" in err and "Traceback" not in err
+    assert (tmp_path / "p.zarr.partial").is_dir() and not out.exists()
+    monkeypatch.setattr(LocalStore, "set", real)
+    assert main([*args, "--out", str(out), "--json", str(tmp_path / "s.json")]) == 0
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert 0 < summary["blocks_resumed"] < summary["blocks"]
+    assert main([*args, "--out", str(tmp_path / "whole.zarr")]) == 0
+    for level in ("0", "1", "labels/mask/0"):
+        np.testing.assert_array_equal(zarr.open_array(str(out / level))[:],
+                                      zarr.open_array(str(tmp_path / "whole.zarr" / level))[:])
