@@ -43,7 +43,7 @@ def test_cli_end_to_end_writes_config_checkpoints_tensorboard_and_metrics(catalo
     run = tmp_path / "run"
     proc = cli(["pretrain", "--config", str(TINY), "--out", str(run),
                 *tiny_overrides(catalog, 6, **{"train.checkpoint_every": 3, "train.keep_checkpoints": 1,
-                                               "train.image_every": 3})])
+                                               "train.image_every": 3, "train.peak_tflops": 1.0})])
     output = proc.communicate(timeout=600)[0]
     assert proc.returncode == 0, output[-3000:]
 
@@ -72,6 +72,11 @@ def test_cli_end_to_end_writes_config_checkpoints_tensorboard_and_metrics(catalo
     assert {"loss/total", "loss/recon", "loss/clip", "lr/decay", "schedule/ema_momentum",
             "monitor/teacher_entropy", "monitor/feature_std", "monitor/clip_top1"} <= scalars
     assert {"slices/input", "slices/masked", "slices/reconstruction"} <= images
+    assert {"perf/patches_per_s", "perf/voxels_per_s", "perf/data_wait_fraction", "perf/peak_memory_mb",
+            "perf/tflops_per_s", "perf/mfu"} <= scalars  # MFU on CPU only because peak_tflops is set
+    perf = metrics["throughput"]
+    assert perf["voxels_per_s"] == pytest.approx(perf["patches_per_s"] * 32 ** 3, rel=1e-5)
+    assert 0 <= perf["data_wait_fraction"] <= 1 and perf["peak_memory_mb"] > 100 and perf["mfu"] > 0
 
 
 @pytest.mark.slow

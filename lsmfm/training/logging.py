@@ -11,7 +11,10 @@ TensorBoard (`pip install 'lsmfm[train]'`) is optional: without it runs go on wi
   resume test compares; on resume lines after the checkpoint step are dropped.
 - `validation.jsonl`: one line per validation (`step`, the monitored `loss`, every term, `best`), likewise
   truncated on resume.
-- a tqdm bar with ETA and the current loss.
+- throughput at every scalar log (`perf/`: patches/s and voxels/s over all ranks, the fraction of the
+  step spent waiting for batches, seconds per step, peak memory, and TFLOP/s + MFU where the device's
+  peak is known), also on the progress bar and, for the whole run, in metrics.json;
+- a tqdm bar with ETA, the current loss and the throughput.
 """
 from __future__ import annotations
 
@@ -76,6 +79,7 @@ class RunLogger:
     def __init__(self, run_dir: str | Path, enabled: bool, start_step: int, max_steps: int,
                  progress: bool = True) -> None:
         self.enabled = enabled
+        self.perf_postfix: dict[str, str] = {}
         self.run_dir = Path(run_dir)
         self.writer: Any = None
         self.bar: Any = None
@@ -99,7 +103,16 @@ class RunLogger:
         with open(self.losses_path, "a") as fh:
             fh.write(json.dumps(record) + "\n")
         self.bar.update(1)
-        self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+        self.bar.set_postfix(loss=f"{loss:.4f}", **self.perf_postfix, refresh=False)
+
+    def throughput(self, values: Mapping[str, float]) -> None:
+        """Show the latest throughput (patches/s, data wait, MFU) on the progress bar."""
+        self.perf_postfix = {}
+        if "patches_per_s" in values:
+            self.perf_postfix = {"patch_s": f"{values['patches_per_s']:.3g}",
+                                 "wait": f"{100 * values['data_wait_fraction']:.0f}%"}
+        if "mfu" in values:
+            self.perf_postfix["mfu"] = f"{100 * values['mfu']:.1f}%"
 
     def validation(self, step: int, loss: float, terms: Mapping[str, float], best: bool) -> None:
         """Record one validation in validation.jsonl and TensorBoard ("val/loss", "val/<term>")."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import random
 import shutil
 import time
@@ -58,6 +59,8 @@ class TrainConfig:
         image_every: TensorBoard image slices every this many steps (0 disables).
         checkpoint_every: checkpoint every this many steps (and always at the end).
         keep_checkpoints: newest checkpoints kept (0 keeps all).
+        peak_tflops: one device's peak TFLOP/s for the MFU in the throughput log (0: looked up for known
+            GPUs; CPUs and unknown GPUs report no MFU).
     """
 
     max_steps: int = 1000
@@ -80,6 +83,7 @@ class TrainConfig:
     image_every: int = 100
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
+    peak_tflops: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "batch_size", "grad_accum", "checkpoint_every", "log_every"):
@@ -89,6 +93,8 @@ class TrainConfig:
             raise ValueError(f"train.zero_stage must be 0, 1 or 2, got {self.zero_stage}")
         if len(self.betas) != 2:
             raise ValueError(f"train.betas must have two values, got {self.betas}")
+        if self.peak_tflops < 0:
+            raise ValueError(f"train.peak_tflops must be >= 0, got {self.peak_tflops}")
 
 
 @dataclass
@@ -280,7 +286,11 @@ class Trainer:
             save_config(cfg, out / "config.yaml")
         from lsmfm.training.logging import RunLogger
 
+        from lsmfm.training.throughput import ThroughputMeter, peak_tflops
+
         self.log = RunLogger(out, env.is_main, self.step, t.max_steps, progress)
+        self.meter = ThroughputMeter(math.prod(cfg.data.patch_size), env.world_size, device,
+                                     peak_tflops(device, t.peak_tflops))
         self.stop = StopRequest()
         self.last: dict[str, Any] = {}
 
@@ -331,23 +341,32 @@ class Trainer:
 
         The loss terms stay on the device until the step's end (one host read per optimizer step);
         monitors and visuals are computed only for the last micro-batch of a step that logs them.
+        The step's wall time (to that host read) and its wait for batches go to the throughput meter.
         """
         from lsmfm.training.engine import set_group_lrs
 
         t = self.cfg.train
+        start, wait, patches = time.perf_counter(), 0.0, 0
         base_lr = warmup_cosine(self.step, t.max_steps, t.lr, t.warmup_steps, t.final_lr)
         lrs = set_group_lrs(self.engine, base_lr, self.model.lr_scales(self.step))
         momentum = self.model.teacher_momentum(self.step, t.max_steps)
         report = self._logs(self.step + 1)
         values = []
-        for i in range(t.grad_accum):
-            output = self._micro_step(next(batches), momentum, report and i == t.grad_accum - 1)
-            values.append(torch.stack([v.detach().float() for v in (output.loss, *output.terms.values())]))
+        with self.meter.count_flops():
+            for i in range(t.grad_accum):
+                fetch = time.perf_counter()
+                batch = next(batches)
+                wait += time.perf_counter() - fetch
+                patches += len(batch["image"])
+                output = self._micro_step(batch, momentum, report and i == t.grad_accum - 1)
+                scalars = (output.loss, *output.terms.values())
+                values.append(torch.stack([v.detach().float() for v in scalars]))
         names = ["loss", *output.terms]
         sums: dict[str, float] = {}
         for row in torch.stack(values).tolist():
             for name, value in zip(names, row):
                 sums[name] = sums.get(name, 0.0) + value / t.grad_accum
+        self.meter.record(time.perf_counter() - start, wait, patches)
         self.step += 1
         self._report(sums, output, lrs, momentum)
 
@@ -381,9 +400,12 @@ class Trainer:
         if self._logs_scalars(self.step):
             monitors = {k: float(v) for k, v in output.monitors.items()}
             self.last["monitors"] = monitors
+            perf = self.meter.read()
+            self.log.throughput(perf)
             scalars = {"loss/total": loss, **{f"loss/{k}": v for k, v in sums.items()},
                        **{f"lr/{k}": v for k, v in lrs.items()}, "schedule/ema_momentum": momentum,
-                       **{f"monitor/{k}": v for k, v in monitors.items()}}
+                       **{f"monitor/{k}": v for k, v in monitors.items()},
+                       **{f"perf/{k}": v for k, v in perf.items()}}
             self.log.scalars(self.step, scalars)
         if self._logs_images(self.step):
             self.log.images(self.step, output.visuals)
@@ -422,7 +444,8 @@ class Trainer:
             return json.loads(done.read_text())
         metrics = {"step": self.step, **self.last, "teacher_updates": int(self.model.teacher_updates),
                    "seconds": round(seconds, 3), "seconds_per_step": round(seconds / max(steps, 1), 4),
-                   "stopped_early": self.step < self.cfg.train.max_steps}
+                   "stopped_early": self.step < self.cfg.train.max_steps,
+                   "throughput": {k: round(v, 6) for k, v in self.meter.summary().items()}}
         if self.validator is not None:
             metrics["validation"] = {**self.validator.state_dict(), "tag": checkpoint.best_tag(self.out)}
         if self.env.is_main:
