@@ -234,6 +234,13 @@ def _timed(fn: Callable[[int], None], seed: int, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
+def device_peak_tflops(device: str) -> float | None:
+    """The GPU's dense bf16 peak (lsmfm's table), None on CPU or for an unknown GPU."""
+    from lsmfm.training.throughput import peak_tflops
+
+    return peak_tflops(torch.device(device))
+
+
 # ---- the driver ------------------------------------------------------------------------------------------
 def run_variant(variant: str, arch: str, args: argparse.Namespace) -> dict:
     """One variant in a fresh process; `lsmfm_before` imports lsmfm from --before-src."""
@@ -269,12 +276,13 @@ def summarise(runs: list[dict], basis: str) -> dict:
 
 def run_all(args: argparse.Namespace) -> dict:
     basis = "seconds_per_step" if args.device == "cuda" else "cpu_seconds_per_step"
-    variants = list(VARIANTS) + (["lsmfm_before"] if args.before_src else [])
+    variants = list(args.variants) + (["lsmfm_before"] if args.before_src else [])
     results: dict[str, Any] = {
         "torch": torch.__version__, "threads": args.threads or torch.get_num_threads(), "device": args.device,
         "precision": "bf16" if args.device == "cuda" else "fp32", "size": args.size, "batch": args.batch,
         "steps": args.steps, "rounds": args.rounds, "ratio_basis": basis, "tiny": args.tiny,
-        "load_average_start": os.getloadavg()[0], "cpu_count": os.cpu_count()}
+        "load_average_start": os.getloadavg()[0], "cpu_count": os.cpu_count(),
+        "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None}
     results["mask"] = mask_benchmark(args.batch, 64, args.mask_repeats, torch.device(args.device))
     results["mask_speedup_vs_paper"] = results["mask"]["paper_settings"]["speedup"]
     print(f"mask, paper settings: {results['mask']['paper_settings']['lsmfm_ms']:.2f} ms lsmfm vs "
@@ -288,15 +296,21 @@ def run_all(args: argparse.Namespace) -> dict:
                 raw[arch][variant].append(r)
                 print(f"round {round_ + 1} {arch} {variant}: {statistics.median(r['seconds']):.2f} s/step "
                       f"(CPU {statistics.median(r['cpu_seconds']):.2f} s)", flush=True)
+    peak = device_peak_tflops(args.device)
     for arch in args.archs:
         rows = {v: summarise(raw[arch][v], basis) for v in variants}
-        rows["step_ratio_vs_paper"] = rows["lsmfm"]["basis_s"] / rows["paper"]["basis_s"]
-        rows["ssl_step_over_bare"] = rows["lsmfm"]["basis_s"] / rows["bare"]["basis_s"]
-        if "lsmfm_before" in rows:
-            rows["after_over_before"] = rows["lsmfm"]["basis_s"] / rows["lsmfm_before"]["basis_s"]
+        for row in rows.values():
+            if peak:
+                row["mfu"] = row["tflops_per_s"] / peak
+        for key, num, den in (("step_ratio_vs_paper", "lsmfm", "paper"),
+                              ("ssl_step_over_bare", "lsmfm", "bare"),
+                              ("after_over_before", "lsmfm", "lsmfm_before")):
+            if num in rows and den in rows:
+                rows[key] = rows[num]["basis_s"] / rows[den]["basis_s"]
         results[arch] = rows
-    results["step_ratio_vs_paper"] = {a: results[a]["step_ratio_vs_paper"] for a in args.archs}
-    results["ssl_step_over_bare"] = {a: results[a]["ssl_step_over_bare"] for a in args.archs}
+    for key in ("step_ratio_vs_paper", "ssl_step_over_bare"):
+        if all(key in results[a] for a in args.archs):
+            results[key] = {a: results[a][key] for a in args.archs}
     results["load_average_end"] = os.getloadavg()[0]
     return results
 
@@ -363,6 +377,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1, help="turns each variant takes")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--archs", nargs="+", default=list(BACKBONES), choices=list(BACKBONES))
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
+                        help="what to measure (the README tables need all three)")
     parser.add_argument("--before-src", type=Path, help="a checkout whose trainer step is `lsmfm_before`")
     parser.add_argument("--mask-repeats", type=int, default=20)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -383,6 +399,10 @@ def main() -> None:
             results["json"] = str(args.json)
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(results, indent=1) + "\n")
+    if "step_ratio_vs_paper" not in results:  # a subset of the variants: no README tables
+        if args.readme:
+            raise SystemExit("--readme needs every variant (bare, paper, lsmfm)")
+        return
     print(readme_block(results))
     if args.readme:
         write_readme(args.readme, results)

@@ -3,6 +3,7 @@ belongs to the benchmarks, not to unit tests; their correctness checks are)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -111,28 +112,46 @@ def test_paper_step_trains_student_and_decoder_and_moves_teacher():
 
 
 @pytest.mark.slow
-def test_pretrain_step_benchmark_writes_the_ratios_and_the_readme_block(tmp_path):
-    out, readme = tmp_path / "step.json", tmp_path / "README.md"
-    readme.write_text("before\n<!-- pretrain_step:begin -->\nold\n<!-- pretrain_step:end -->\nafter\n")
-    cmd = [sys.executable, str(REPO / "benchmarks/pretrain_step.py"), "--tiny", "--size", "32", "--steps",
-           "1", "--archs", "unet", "--threads", "1", "--mask-repeats", "2", "--json", str(out),
-           "--readme", str(readme)]
-    subprocess.run(cmd, capture_output=True, text=True, check=True)
-    r = json.loads(out.read_text())
-    assert r["mask_speedup_vs_paper"] > 0 and r["mask"]["lsmfm_settings"]["ratio"] == 0.6
+def test_gpu_script_dry_run_on_cpu_writes_every_part(tmp_path):
+    """benchmarks/gpu.sh is meant for a GPU machine; --dry runs the same script on CPU at tiny sizes."""
+    out = tmp_path / "gpu"
+    env = {**os.environ, "PY": sys.executable}
+    done = subprocess.run(["bash", str(REPO / "benchmarks/gpu.sh"), "--dry", str(out)], capture_output=True,
+                          text=True, env=env, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    r = json.loads((out / "gpu.json").read_text())
+    assert r["dry_run"] and r["device"] == "cpu" and r["size"] == 32
+    assert [(s["arch"], s["batch"]) for s in r["steps"]] == [("unet", 2)]
+    assert all(s["seconds_per_step"] > 0 and s["tflops_per_s"] > 0 and s["mfu"] is None for s in r["steps"])
     assert set(r["step_ratio_vs_paper"]) == set(r["ssl_step_over_bare"]) == {"unet"}
+    assert r["stream_loader"] == "lsmfm_loader_2workers_patches_per_s"
+    assert r["stream_loader_patches_per_s"] > 0
+    assert len(r["predict_voxels_per_s"]) == 1 and r["predict_voxels_per_s"][0] > 0
+    assert "stream (lsmfm_loader_2workers_patches_per_s)" in done.stdout
+    check_step_json_and_readme(out / "step_batch2.json", tmp_path)
+
+
+def check_step_json_and_readme(step_json: Path, tmp_path: Path) -> None:
+    """benchmarks/pretrain_step.py's JSON has the three ratios; --readme rewrites only its marked block."""
+    r = json.loads(step_json.read_text())
+    assert r["mask_speedup_vs_paper"] > 0 and r["mask"]["lsmfm_settings"]["ratio"] == 0.6
+    assert r["mask"]["paper_settings"]["size_choice"] == "sample"
     unet = r["unet"]
     for variant in ("bare", "paper", "lsmfm"):
         assert unet[variant]["cpu_seconds_per_step"] > 0 and unet[variant]["flops_per_step"] > 0
     assert unet["paper"]["flops_per_step"] > unet["bare"]["flops_per_step"]  # teacher + decoder on top
     assert r["step_ratio_vs_paper"]["unet"] == unet["lsmfm"]["basis_s"] / unet["paper"]["basis_s"]
+    readme = tmp_path / "README.md"
+    readme.write_text("before\n<!-- pretrain_step:begin -->\nold\n<!-- pretrain_step:end -->\nafter\n")
+    subprocess.run([sys.executable, str(REPO / "benchmarks/pretrain_step.py"), "--from-json", str(step_json),
+                    "--readme", str(readme)], capture_output=True, text=True, check=True)
     text = readme.read_text()
     assert text.startswith("before\n<!-- pretrain_step:begin -->")
     assert text.endswith("<!-- pretrain_step:end -->\nafter\n")
     assert "old" not in text and f"| {r['step_ratio_vs_paper']['unet']:.2f} |" in text
     again = tmp_path / "README2.md"
     again.write_text(readme.read_text())
-    subprocess.run([sys.executable, str(REPO / "benchmarks/pretrain_step.py"), "--from-json", str(out),
+    subprocess.run([sys.executable, str(REPO / "benchmarks/pretrain_step.py"), "--from-json", str(step_json),
                     "--readme", str(again)], capture_output=True, text=True, check=True)
     assert again.read_text() == text
 
