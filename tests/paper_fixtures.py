@@ -328,33 +328,12 @@ def write_paper_pretraining_ckpt(
     )
 
 
-class PaperFinetuneSegModule(_lightning().LightningModule):
-    """The paper's `FinetuneUNetModule`: `self.model` is a MONAI UNet with one output channel (logits),
-    started from a pretraining checkpoint's `student_encoder.*`."""
+class _PaperFinetuneSeg(_lightning().LightningModule):
+    """The paper's `FinetuneBaseModule`: `self.model` (built by the subclass) outputs one logit channel
+    and starts from a pretraining checkpoint's `student_encoder.*`, tensors of another shape dropped."""
 
-    def __init__(
-        self,
-        pretrained_ckpt: str,
-        lr: float,
-        channels: list[int],
-        strides: list[int],
-        num_res_units: int,
-        norm: str,
-    ) -> None:
-        super().__init__()
-        self.save_hyperparameters()
-        from monai.networks.nets import UNet
-
-        self.model = UNet(
-            spatial_dims=3,
-            in_channels=1,
-            out_channels=1,
-            channels=tuple(channels),
-            strides=tuple(strides),
-            num_res_units=num_res_units,
-            norm=norm,
-        )
-        sd = torch.load(pretrained_ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    def _load_pretrained(self, ckpt_path: str) -> None:
+        sd = torch.load(ckpt_path, map_location="cpu", weights_only=False)["state_dict"]
         mapped = {
             "model." + k[len("student_encoder.") :]: v
             for k, v in sd.items()
@@ -386,12 +365,78 @@ class PaperFinetuneSegModule(_lightning().LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr)
 
 
-def write_paper_finetuned_ckpt(folder: Path, pretrained: Path) -> Path:
-    """`finetune_unet_best.ckpt` of the paper's segmentation finetuning from `pretrained` (a UNet one)."""
+class PaperFinetuneSegModule(_PaperFinetuneSeg):
+    """The paper's `FinetuneUNetModule`: a MONAI UNet with one output channel."""
+
+    def __init__(
+        self,
+        pretrained_ckpt: str,
+        lr: float,
+        channels: list[int],
+        strides: list[int],
+        num_res_units: int,
+        norm: str,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        from monai.networks.nets import UNet
+
+        self.model = UNet(
+            spatial_dims=3,
+            in_channels=1,
+            out_channels=1,
+            channels=tuple(channels),
+            strides=tuple(strides),
+            num_res_units=num_res_units,
+            norm=norm,
+        )
+        self._load_pretrained(pretrained_ckpt)
+
+
+class PaperFinetuneSwinSegModule(_PaperFinetuneSeg):
+    """The paper's `FinetuneSwinUNETRModule` (segmentation/finetune_segmentation_swinunetr.py): its
+    hyper-parameters, a MONAI SwinUNETR with `out_channels` 1 and gradient checkpointing (MONAI >= 1.5 has
+    no `img_size` argument; the paper's MONAI 1.4 ignored it for the weights)."""
+
+    def __init__(
+        self,
+        pretrained_ckpt: str,
+        lr: float,
+        weight_decay: float,
+        loss_name: str,
+        encoder_lr_mult: float,
+        freeze_encoder_epochs: int,
+        freeze_bn_stats: int,
+        img_size: int,
+        feature_size: int,
+        out_channels: int,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        from monai.networks.nets import SwinUNETR
+
+        self.model = SwinUNETR(
+            in_channels=1, out_channels=int(out_channels), feature_size=int(feature_size), use_checkpoint=True
+        )
+        self._load_pretrained(pretrained_ckpt)
+
+
+def write_paper_finetuned_ckpt(folder: Path, pretrained: Path, arch: str = "unet") -> Path:
+    """`finetune_<arch>_best.ckpt` of the paper's segmentation finetuning from `pretrained` (a pretraining
+    checkpoint of the same architecture)."""
     torch.manual_seed(0)
-    u = torch.load(pretrained, map_location="cpu", weights_only=False)["hyper_parameters"]["model"]["unet"]
-    module = PaperFinetuneSegModule(
-        str(pretrained), 3e-4, u["channels"], u["strides"], u["num_res_units"], u["norm"]
+    model = torch.load(pretrained, map_location="cpu", weights_only=False)["hyper_parameters"]["model"]
+    if arch == "unet":
+        u = model["unet"]
+        module = PaperFinetuneSegModule(
+            str(pretrained), 3e-4, u["channels"], u["strides"], u["num_res_units"], u["norm"]
+        )
+        data = PatchDataset(write_patches(folder / "patches", seed=1), 12)
+        return _fit(module, data, folder, "finetune_unet_best", "val_loss", 2)
+    # the finetuning script's defaults, at the pretraining's feature size (its weights load only then)
+    # and img_size 64 for the paper's 96; trained on 32 x 32 x 64 patches (see write_paper_pretraining_ckpt)
+    module = PaperFinetuneSwinSegModule(
+        str(pretrained), 3e-4, 1e-5, "dicefocal", 0.2, 10, 1, 64, model["swinunetr"]["feature_size"], 1
     )
-    data = PatchDataset(write_patches(folder / "patches", seed=1), 12)
-    return _fit(module, data, folder, "finetune_unet_best", "val_loss", 2)
+    data = PatchDataset(write_patches(folder / "patches", n=2, seed=1), (32, 32, 64))
+    return _fit(module, data, folder, "finetune_swinunetr_best", "val_loss", 1)

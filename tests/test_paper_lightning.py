@@ -8,6 +8,7 @@ runs code refused without a side effect."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from pathlib import Path
 
@@ -187,6 +188,46 @@ def test_finetuned_checkpoint_predicts_what_the_paper_module_does(ckpts, tmp_pat
         assert torch.equal(model(vol_xyz.permute(0, 1, 4, 3, 2)), raw(vol_xyz).permute(0, 1, 4, 3, 2))
     backbone = lsmfm.load_pretrained(path)  # the finetuned network itself, as from a finetuned folder
     assert backbone.config == config.backbone
+
+
+@pytest.mark.slow
+def test_finetuned_swinunetr_checkpoint_predicts_what_the_paper_module_does(ckpts, tmp_path):
+    """The paper's SwinUNETR segmentation finetuning (`model.*`, out_channels 1, feature size of its
+    hyper_parameters): its architecture is read from the tensors, and `lsmfm predict` on lsmfm's (z, y, x)
+    volume writes the sigmoid of the raw network's sliding window over the same volume in (x, y, z)."""
+    import nibabel as nib
+    import numpy as np
+    import zarr
+    from monai.inferers import sliding_window_inference
+    from monai.networks.nets import SwinUNETR
+
+    from lsmfm.cli.main import main
+    from lsmfm.data.normalize import percentile_normalize
+    from lsmfm.tasks.models import load_task_model
+    from lsmfm.weights.paper import PAPER_NORMALIZE
+
+    path = write_paper_finetuned_ckpt(tmp_path, ckpts["swinunetr", False], arch="swinunetr")
+    obj = trusted(path)
+    hp = obj["hyper_parameters"]
+    model, config = load_task_model(path)
+    assert (config.backbone.arch, config.backbone.axes, config.patch_size) == ("swinunetr", "xyz", [64] * 3)
+    assert (config.backbone.out_channels, config.backbone.feature_size) == (1, hp["feature_size"])
+    raw = SwinUNETR(in_channels=1, out_channels=1, feature_size=hp["feature_size"]).eval()
+    raw.load_state_dict({k[len("model.") :]: v for k, v in obj["state_dict"].items()})
+    rng = np.random.default_rng(0)
+    volume = rng.gamma(2.0, 50.0, (64, 48, 80)).astype(np.float32)  # (z, y, x)
+    src = tmp_path / "vol.nii.gz"
+    nib.save(nib.Nifti1Image(volume.transpose(2, 1, 0), np.eye(4)), str(src))  # nibabel: (x, y, z)
+    out = tmp_path / "pred.zarr"
+    assert main(["predict", "--model", str(path), "--input", str(src), "--out", str(out), "--block", "64",
+                 "--quiet", "--json", str(tmp_path / "s.json")]) == 0
+    bounds = json.loads((tmp_path / "s.json").read_text())["bounds"][0]
+    x = torch.from_numpy(percentile_normalize(volume, PAPER_NORMALIZE, tuple(bounds)))[None, None]
+    with torch.no_grad():
+        want = sliding_window_inference(x, [64] * 3, 1, lambda w: raw(w.permute(0, 1, 4, 3, 2)).permute(
+            0, 1, 4, 3, 2), overlap=0.25, mode="gaussian")
+    np.testing.assert_allclose(zarr.open_array(str(out / "0"), mode="r")[:], torch.sigmoid(want)[0].numpy(),
+                               atol=1e-5)
 
 
 def test_a_code_pickle_in_a_paper_checkpoint_is_refused_without_side_effect(ckpts, tmp_path):
