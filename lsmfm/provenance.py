@@ -9,6 +9,7 @@ Example:
 from __future__ import annotations
 
 import functools
+import os
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -36,8 +37,11 @@ def git_state() -> tuple[str | None, bool | None]:
 
 
 def _git(*args: str) -> str:
+    """Read-only: `git status` would otherwise refresh the checkout's index under `index.lock`, which a
+    user's own git command (or a run killed meanwhile) then trips over."""
+    env = {**os.environ, "GIT_OPTIONAL_LOCKS": "0"}
     done = subprocess.run(["git", "-C", str(SOURCE_ROOT), *args], capture_output=True, text=True, timeout=10,
-                          check=True)
+                          check=True, env=env)
     return done.stdout.strip()
 
 

@@ -86,6 +86,9 @@ def test_os_errors_from_the_environment_are_one_line():
         "/data/out.zarr: no space left on device"
     assert common.user_error_message(RuntimeError("safetensors: No space left on device (os error 28)"),
                                      args) == "/data/out.zarr: no space left on device"
+    quota = RuntimeError("Error while serializing: I/O error: Disk quota exceeded (os error 122)")
+    assert common.user_error_message(quota, args) == "/data/out.zarr: disk quota exceeded"
+    assert common.user_error_message(RuntimeError("I/O error: not found (os error 2)"), args) is None
     assert common.user_error_message(OSError(errno.EROFS, "Read-only file system", "/ro/a"), None) == \
         "/ro/a: read-only file system"
     assert common.user_error_message(KeyError("x"), args) is None  # a bug, not a user error

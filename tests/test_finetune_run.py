@@ -251,3 +251,27 @@ def test_resume_after_kill_and_after_sigterm_reproduces_the_uninterrupted_result
     assert kept == sorted(p.relative_to(whole).as_posix() for p in whole.glob("*/shots*_seed*"))
     assert all(len(list(d.glob("events.out.tfevents.*"))) == 1 for d in (run / "tb").iterdir())
     assert len(list((run / "tb").iterdir())) == 6
+
+
+def test_a_full_disk_while_finetuning_is_one_line_naming_the_run(dataset, tmp_path):
+    """A real short write: a file-size limit stops the run's largest file (a full disk or a quota does the
+    same); the command ends in one line naming the run folder, not a RuntimeError/SafetensorError."""
+    import os
+    import resource
+    import signal
+    import subprocess
+
+    from finetune_helpers import cli
+
+    def limit_file_size() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails instead of killing the process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, resource.RLIM_INFINITY))
+
+    run = tmp_path / "run"
+    args = ["finetune", "segment", *data_overrides(dataset), "init=scratch", "shots=[1]", "device=cpu",
+            "keep=all", *FAST, "--out", str(run), "--quiet"]
+    done = subprocess.run(cli(args), capture_output=True, text=True, timeout=600, preexec_fn=limit_file_size,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert done.stderr == f"lsmfm finetune: error: {run}: file too large (a file-size limit, `ulimit -f`, " \
+                          "or the file system's)\n", done.stderr[-3000:]

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pytest
 import yaml
 
 from lsmfm import __version__
@@ -90,3 +93,19 @@ def test_checkpoints_record_provenance(tmp_path):
     saved = yaml.safe_load((folder / "config.yaml").read_text())
     assert saved["train"] == {"max_steps": 3}
     assert saved["provenance"]["git_commit"] == expected()["git_commit"]
+
+
+def test_reading_the_git_state_never_writes_the_checkouts_index():
+    """`git status` refreshes a stale index under `index.lock`; lsmfm's provenance must leave it alone
+    (a user's own git command, or a run under a file-size limit, would trip over the lock)."""
+    if not (SOURCE_ROOT / ".git").exists():
+        pytest.skip("lsmfm is not imported from a git checkout")
+    index = Path(subprocess.run(["git", "-C", str(SOURCE_ROOT), "rev-parse", "--absolute-git-dir"],
+                                capture_output=True, text=True, check=True).stdout.strip()) / "index"
+    before = index.stat().st_mtime_ns
+    tracked = SOURCE_ROOT / "lsmfm" / "errors.py"
+    os.utime(tracked)  # its recorded stat data is now stale: a plain `git status` would rewrite the index
+    code = "from lsmfm.provenance import git_state; print(git_state())"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.startswith("('"), done.stderr
+    assert index.stat().st_mtime_ns == before and not index.with_name("index.lock").exists()

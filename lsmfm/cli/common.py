@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import errno
 import os
+import re
 import sys
 import traceback
 import warnings
@@ -36,8 +37,13 @@ PROBLEM = {errno.EACCES: "permission denied", errno.EPERM: "operation not permit
            errno.EROFS: "read-only file system", errno.ENOSPC: "no space left on device",
            errno.EDQUOT: "disk quota exceeded", errno.EEXIST: "already exists",
            errno.ENOENT: "no such file or folder", errno.ENOTDIR: "not a folder (a file is in the way)",
-           errno.EISDIR: "is a folder, expected a file", errno.EIO: "input/output error (failing disk?)"}
-NO_SPACE_TEXT = ("No space left on device", "Disk quota exceeded")
+           errno.EISDIR: "is a folder, expected a file", errno.EIO: "input/output error (failing disk?)",
+           errno.EFBIG: "file too large (a file-size limit, `ulimit -f`, or the file system's)"}
+# Libraries that re-raise a failed write as text: Rust ones (safetensors) end it with `(os error 28)`,
+# others (zarr, TensorBoard) keep only the message; the output is then what could not be written.
+OS_ERROR_TEXT = re.compile(r"\(os error (\d+)\)")
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
+ERRNO_TEXT = {"No space left on device": errno.ENOSPC, "Disk quota exceeded": errno.EDQUOT}
 
 
 def add_overwrite(parser: Any, what: str = "the output") -> None:
@@ -135,12 +141,21 @@ def user_error_message(exc: BaseException, args: argparse.Namespace | None = Non
         if exc.filename2 is not None:
             where = f"{exc.filename} -> {exc.filename2}"
         return f"{where}: {problem}" if where is not None else problem
-    text = str(exc)
     where = _output_of(args)
-    if any(t in text for t in NO_SPACE_TEXT):  # e.g. safetensors or zarr re-raising ENOSPC as text
-        return f"{where}: no space left on device" if where is not None else "no space left on device"
+    code = _errno_in_text(str(exc))
+    if code is not None:
+        problem = PROBLEM.get(code, os.strerror(code))
+        return f"{where}: {problem}" if where is not None else problem
     cut_short = cut_short_error(exc, where)
     return str(cut_short) if cut_short is not None else None
+
+
+def _errno_in_text(text: str) -> int | None:
+    """The errno of a failed write that a library's message carries as text, or None."""
+    found = OS_ERROR_TEXT.search(text)
+    if found is not None and int(found.group(1)) in WRITE_ERRNOS:
+        return int(found.group(1))
+    return next((code for words, code in ERRNO_TEXT.items() if words in text), None)
 
 
 def _output_of(args: argparse.Namespace | None) -> Any:
