@@ -110,6 +110,14 @@ def test_a_bug_prints_a_traceback_and_where_to_report_it(capsys):
     assert capsys.readouterr().err == "lsmfm predict: error: /data/v.tif: truncated TIFF\n"
 
 
+def test_ctrl_c_is_one_line_and_exit_130(capsys):
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    assert common.run_command("ingest", interrupted, argparse.Namespace()) == 130
+    assert capsys.readouterr().err == "lsmfm ingest: interrupted\n"
+
+
 def test_pretrain_out_naming_a_regular_file_is_one_line(tmp_path, capsys):
     (tmp_path / "run").write_text("not a folder")
     recipe = str(REPO / "pretrain" / "tiny.yaml")
