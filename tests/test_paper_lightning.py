@@ -10,7 +10,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -230,17 +232,35 @@ def test_finetuned_swinunetr_checkpoint_predicts_what_the_paper_module_does(ckpt
                                atol=1e-5)
 
 
-def test_a_code_pickle_in_a_paper_checkpoint_is_refused_without_side_effect(ckpts, tmp_path):
+def _payloads(marker: Path) -> dict[str, tuple[Any, tuple[Any, ...]]]:
+    """Callables a pickle can call on load, each creating `marker`."""
+    import builtins
+    import subprocess
+
+    return {"posix.system": (os.system, (f"touch {marker}",)),
+            "builtins.exec": (builtins.exec, (f"open({str(marker)!r}, 'w').close()",)),
+            "subprocess.Popen": (subprocess.Popen, (["touch", str(marker)],))}
+
+
+@pytest.mark.parametrize("name", ["posix.system", "builtins.exec", "subprocess.Popen"])
+@pytest.mark.parametrize("where", ["callback", "metatensor"])
+def test_a_code_pickle_in_a_paper_checkpoint_is_refused_without_side_effect(ckpts, tmp_path, name, where):
+    """Any callable, in a callback's state or inside the trace of an allowed MetaTensor: refused by name."""
     marker = tmp_path / "pwned"
+    call = _payloads(marker)[name]
 
     class Payload:
         def __reduce__(self):
-            return (os.system, (f"touch {marker}",))
+            return call
 
     obj = trusted(ckpts["unet", True])
-    obj["callbacks"]["EvilCallback"] = {"state": Payload()}
+    if where == "callback":
+        obj["callbacks"]["EvilCallback"] = {"state": Payload()}
+    else:
+        score = next(s for s in obj["callbacks"].values() if "best_model_score" in s)["best_model_score"]
+        score.applied_operations.append({"class": Payload()})
     path = tmp_path / "unet_image_text_best.ckpt"
     torch.save(obj, path)
-    with pytest.raises(UnsafeCheckpointError, match=r"unet_image_text_best\.ckpt: refused.*posix\.system"):
+    with pytest.raises(UnsafeCheckpointError, match=rf"unet_image_text_best\.ckpt: refused.*{re.escape(name)}"):
         lsmfm.load_pretrained(path)
     assert not marker.exists()

@@ -102,7 +102,7 @@ def load_failure(path: Path, exc: Exception, allowed: Iterable[Any]) -> InputErr
     with contextlib.suppress(Exception):  # legacy or damaged files cannot be scanned
         names += torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
     ok = _allowed_names(allowed)
-    bad = sorted({n.rstrip(".") for n in names} - ok)
+    bad = sorted({python3_name(n.rstrip(".")) for n in names} - ok)
     if bad:
         return UnsafeCheckpointError(path, f"refused: the pickle references {', '.join(bad)}, code or "
                                            "objects beyond tensors and plain data; lsmfm loads "
@@ -111,6 +111,17 @@ def load_failure(path: Path, exc: Exception, allowed: Iterable[Any]) -> InputErr
     detail = lines[-1] if isinstance(exc, pickle.UnpicklingError) and lines else (lines[0] if lines else "")
     return InputError(path, f"not a readable PyTorch checkpoint (truncated, corrupt, or not written by "
                             f"torch.save): {type(exc).__name__}: {detail}")
+
+
+def python3_name(name: str) -> str:
+    """The global a pickle's `module.name` resolves to: torch.save writes protocol 2, whose Python 2
+    spellings (`commands.Popen`, `__builtin__.eval`) Python 3 maps back on load (`subprocess.Popen`)."""
+    import _compat_pickle
+
+    module, _, attr = name.rpartition(".")
+    if (module, attr) in _compat_pickle.NAME_MAPPING:
+        module, attr = _compat_pickle.NAME_MAPPING[module, attr]
+    return f"{_compat_pickle.IMPORT_MAPPING.get(module, module)}.{attr}"
 
 
 @contextlib.contextmanager
