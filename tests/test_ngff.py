@@ -16,7 +16,8 @@ from test_predict import save_model, synthetic_volume, write_store
 VOXEL = (2.0, 1.0, 1.0)
 
 
-def _validate(store: Path, labels: list[str], levels: int) -> None:
+def validate_ngff(store: Path, labels: list[str], levels: int) -> None:
+    """Open `store` as napari's plugin does and validate its NGFF 0.5 metadata (raises on any fault)."""
     from ome_zarr.io import parse_url
     from ome_zarr.reader import Label, Multiscales, Reader
     from ome_zarr_models.v05.image import Image
@@ -44,7 +45,7 @@ def test_ingested_store_with_labels(tmp_path, shard):
     vol = rng.integers(0, 1000, (40, 96, 80)).astype(np.uint16)
     store = ingest_array(vol, VOXEL, tmp_path / "img.zarr", labels={"bright": (vol > 900).astype(np.uint8)},
                          chunk=32, shard=shard, progress=False)
-    _validate(store, ["bright"], levels=3)
+    validate_ngff(store, ["bright"], levels=3)
 
 
 @pytest.mark.parametrize("task", ["segment", "deblur"])
@@ -53,7 +54,7 @@ def test_prediction_stores(tmp_path, task):
     src = write_store(tmp_path / "in.zarr", synthetic_volume((48, 64, 40)))
     out = tmp_path / "pred.zarr"
     summary = predict_volume(tmp_path / "model", src, out, PredictOptions(block=32), progress=False)
-    _validate(out, ["mask"] if task == "segment" else [], levels=summary["levels"])
+    validate_ngff(out, ["mask"] if task == "segment" else [], levels=summary["levels"])
     assert summary["levels"] >= 2
 
 
@@ -65,4 +66,4 @@ def test_finetune_prediction_files(tmp_path):
                   voxel_size=VOXEL)
     out = write_prediction(np.random.default_rng(0).random((24, 20, 16), dtype=np.float32), patch, tmp_path,
                            "prob", "zarr")
-    _validate(out, [], levels=1)
+    validate_ngff(out, [], levels=1)

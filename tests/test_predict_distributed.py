@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import zarr
 
+from test_ngff import validate_ngff
 from test_predict import SLOW_BLOCKS, save_model, synthetic_volume, write_store
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,9 +55,9 @@ def _finish(proc: subprocess.Popen, code: int = 0) -> str:
 
 
 def _arrays(store: Path) -> dict[str, np.ndarray]:
+    """Every array of the store (each level of the probabilities and of the mask), by path."""
     root = zarr.open_group(str(store), mode="r")
-    paths = ["0", "1", "labels/mask/0", "labels/mask/1"]
-    return {p: root[p][:] for p in paths}
+    return {name: node[:] for name, node in root.members(max_depth=None) if isinstance(node, zarr.Array)}
 
 
 def _kill_tree(pid: int) -> None:
@@ -84,8 +85,14 @@ def test_two_ranks_write_the_one_process_store_bit_for_bit(setup, reference):
     out = setup / "two.zarr"
     _finish(_launch(setup, out, 2))
     one, two = _arrays(reference), _arrays(out)
+    assert sorted(one) == sorted(two) and len(one) >= 6
     for path in one:
         assert np.array_equal(one[path], two[path]), path
+    root_one, root_two = zarr.open_group(str(reference), mode="r"), zarr.open_group(str(out), mode="r")
+    renamed = json.loads(json.dumps(root_two.attrs["ome"]).replace('"two.zarr"', '"one.zarr"'))
+    assert renamed == root_one.attrs["ome"]  # the same metadata but the image's name (the store's)
+    assert root_two["labels/mask"].attrs["ome"] == root_one["labels/mask"].attrs["ome"]
+    validate_ngff(out, ["mask"], levels=len(root_one.attrs["ome"]["multiscales"][0]["datasets"]))
     summary = json.loads(Path(str(out) + ".json").read_text())
     assert summary["ranks"] == 2 and summary["blocks"] == 12 and summary["blocks_done"] == 12
     assert not out.with_name("two.zarr.partial").exists() and not out.with_name("two.zarr.lock").exists()
