@@ -48,6 +48,16 @@ def test_ingested_store_with_labels(tmp_path, shard):
     validate_ngff(store, ["bright"], levels=3)
 
 
+def test_ingested_store_with_two_channels(tmp_path):
+    """Several sources are the channels of one image: one omero channel each, still valid NGFF."""
+    rng = np.random.default_rng(1)
+    vol = rng.integers(0, 1000, (2, 40, 64, 48)).astype(np.uint16)
+    store = ingest_array(vol, VOXEL, tmp_path / "two.zarr", chunk=32, progress=False)
+    ome = zarr.open_group(str(store), mode="r").attrs["ome"]
+    validate_ngff(store, [], levels=len(ome["multiscales"][0]["datasets"]))
+    assert len(ome["omero"]["channels"]) == 2
+
+
 @pytest.mark.parametrize("task", ["segment", "deblur"])
 def test_prediction_stores(tmp_path, task):
     save_model(tmp_path / "model", task=task)
