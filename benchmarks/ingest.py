@@ -2,7 +2,7 @@
 lsmfm's default, and one file per chunk) and the schedulers (local threads; a dask.distributed
 LocalCluster of worker processes, which is what `--dask-address` does with a cluster's workers).
 
-    python benchmarks/ingest.py --json ingest.json [--sizes 512 1024] [--workers 2]
+    python benchmarks/ingest.py --json ingest.json [--sizes 512 1024] [--workers 1 2]
 
 The source is a lazy uint16 volume (noisy background with bright blobs, generated block by block by
 Dask, so the benchmark never holds it). Every run is a fresh subprocess; memory is the peak RSS
@@ -10,7 +10,9 @@ Dask, so the benchmark never holds it). Every run is a fresh subprocess; memory 
 number of files of the whole store (every pyramid level, metadata) per TiB of uint16 level-0 data; a
 small store is mostly metadata and coarse levels, so the "1 TiB volume" column counts the files of a
 whole 8192³ uint16 store by lsmfm's layout (`layout_files`, which must equal every measured count). The
-cluster's store is compared file by file with the local one (they must be identical).
+cluster's store is compared file by file with the local one (they must be identical). Scaling
+efficiency: a cluster's voxels/s over N times that of the cluster with the fewest workers (per worker
+count, as for `benchmarks/predict.py`'s ranks).
 """
 from __future__ import annotations
 
@@ -104,7 +106,7 @@ def digest(store: Path) -> dict[str, str]:
 def run(args: argparse.Namespace) -> dict:
     default = args.shards[0]
     runs = [("threads", shard, 0) for shard in args.shards]
-    runs.append((f"LocalCluster, {args.workers} workers", default, args.workers))
+    runs += [(f"LocalCluster, {n} workers", default, n) for n in args.workers]
     rows = []
     load = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="lsmfm_ingest_bench_") as tmp:
@@ -120,8 +122,7 @@ def run(args: argparse.Namespace) -> dict:
                              "files_by_layout": layout_files((size,) * 3, VOXEL, shard),
                              "files_1tib_volume": layout_files(TIB_VOLUME, VOXEL, shard)})
                 stores[(shard, workers)] = out
-            rows[-1]["same_store_as_threads"] = digest(stores[(default, args.workers)]) == \
-                digest(stores[(default, 0)])
+            _compare_clusters(rows[-len(args.workers):], stores, default, args.workers)
             for path in stores.values():
                 shutil.rmtree(path.parent)
     return {"config": {"sizes": args.sizes, "workers": args.workers, "shards": args.shards,
@@ -130,17 +131,30 @@ def run(args: argparse.Namespace) -> dict:
                        "load_average_1min_end": round(os.getloadavg()[0], 2)}, "rows": rows}
 
 
+def _compare_clusters(rows: list[dict], stores: dict, shard: int, workers: list[int]) -> None:
+    """Each cluster row: the same store as local threads? and its scaling over the fewest workers."""
+    local = digest(stores[(shard, 0)])
+    base = rows[0]["voxels_per_s"] / workers[0]
+    for row, n in zip(rows, workers):
+        row["workers"] = n
+        row["same_store_as_threads"] = digest(stores[(shard, n)]) == local
+        row["scaling_efficiency"] = row["voxels_per_s"] / n / base
+
+
 def table(result: dict) -> str:
     c = result["config"]
     lines = [f"lazy uint16 volume, chunks 64³, {c['cpu_count']} cores, load {c['load_average_1min_start']}-"
              f"{c['load_average_1min_end']}",
              f"{'volume':>7} {'scheduler':<24} {'layout':<23} {'s':>7} {'Mvox/s':>7} {'peak MiB':>9} "
-             f"{'worker peaks MiB':>17} {'files':>6} {'files/TiB':>10} {'1 TiB volume':>13} {'MB':>8}"]
+             f"{'worker peaks MiB':>17} {'scaling':>7} {'files':>6} {'files/TiB':>10} {'1 TiB volume':>13} "
+             f"{'MB':>8}"]
     for r in result["rows"]:
         peaks = "/".join(f"{p:.0f}" for p in r["worker_rss_peak_mib"]) or "-"
         same = {True: " (same store)", False: " (DIFFERENT store)"}.get(r.get("same_store_as_threads"), "")
+        scaling = f"{r['scaling_efficiency']:.2f}" if "scaling_efficiency" in r else "-"
         lines.append(f"{r['size']:>6}³ {r['scheduler']:<24} {r['layout']:<23} {r['seconds']:>7.1f} "
-                     f"{r['voxels_per_s'] / 1e6:>7.1f} {r['rss_peak_mib']:>9.0f} {peaks:>17} {r['files']:>6} "
+                     f"{r['voxels_per_s'] / 1e6:>7.1f} {r['rss_peak_mib']:>9.0f} {peaks:>17} {scaling:>7} "
+                     f"{r['files']:>6} "
                      f"{r['files_per_tib']:>10.0f} {r['files_1tib_volume']:>13} {r['bytes'] / 1e6:>8.1f}"
                      f"{same}")
     return "\n".join(lines)
@@ -149,7 +163,8 @@ def table(result: dict) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[512], help="cube edges, multiples of 128")
-    parser.add_argument("--workers", type=int, default=2, help="LocalCluster worker processes (default 2)")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2],
+                        help="LocalCluster worker process counts, one cluster run each (default 1 2)")
     parser.add_argument("--shards", type=int, nargs="+", default=[4, 8, 1],
                         help="chunks per shard side to compare; the first also runs on the cluster (4 8 1)")
     parser.add_argument("--json", default=None, help="write the result to this JSON file")

@@ -31,13 +31,15 @@ def test_predict_benchmark_compares_blockwise_with_in_memory(tmp_path):
 def test_ingest_benchmark_compares_layouts_and_schedulers(tmp_path):
     out = tmp_path / "ingest.json"
     cmd = [sys.executable, str(REPO / "benchmarks/ingest.py"), "--sizes", "128", "--shards", "2", "1",
-           "--workers", "1", "--json", str(out)]
+           "--workers", "1", "2", "--json", str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True, check=True)
-    assert "LocalCluster, 1 workers" in done.stdout
-    sharded, plain, cluster = json.loads(out.read_text())["rows"]
-    assert plain["files"] > sharded["files"] == cluster["files"] and cluster["same_store_as_threads"]
-    assert len(cluster["worker_rss_peak_mib"]) == 1
-    for row in (sharded, plain, cluster):  # the layout's count, used for a whole 1 TiB volume, is exact
+    assert "LocalCluster, 1 workers" in done.stdout and "LocalCluster, 2 workers" in done.stdout
+    sharded, plain, one, two = json.loads(out.read_text())["rows"]
+    assert plain["files"] > sharded["files"] == one["files"] == two["files"]
+    assert one["same_store_as_threads"] and two["same_store_as_threads"]
+    assert [len(r["worker_rss_peak_mib"]) for r in (one, two)] == [1, 2]
+    assert one["scaling_efficiency"] == 1.0 and two["scaling_efficiency"] > 0
+    for row in (sharded, plain, one, two):  # the layout's count, used for a whole 1 TiB volume, is exact
         assert row["files_by_layout"] == row["files"]
     assert plain["files_1tib_volume"] > 7 * sharded["files_1tib_volume"]  # 2³ chunks per shard here
 
