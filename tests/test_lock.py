@@ -163,8 +163,11 @@ def test_atomic_dir_holds_the_lock_and_cleans_its_own_leftovers(tmp_path, holder
     assert not lock.lock_path(target).exists()
 
 
-def test_run_folders_of_pretrain_and_finetune_are_locked(tmp_path, holder):
+def test_run_folders_of_pretrain_finetune_and_compare_are_locked(tmp_path, holder):
     """The second run into a run folder is refused before any set-up (the holder is another process)."""
+    from types import SimpleNamespace
+
+    from lsmfm.compare.run import run_compare
     from lsmfm.data.catalog.entries import write_catalog
     from lsmfm.tasks.fewshot import run_fewshot
     from lsmfm.training.pretrain import pretrain, resolve_config
@@ -177,4 +180,27 @@ def test_run_folders_of_pretrain_and_finetune_are_locked(tmp_path, holder):
         pretrain(cfg, run)
     with pytest.raises(lock.OutputLocked, match=f"pid {proc.pid}"):
         run_fewshot(None, run)  # refused before the plan is looked at
+    with pytest.raises(lock.OutputLocked, match=f"pid {proc.pid}"):
+        run_compare(SimpleNamespace(task=SimpleNamespace(name="segment")), run)  # only its name is read
+    assert not run.exists()
+
+
+def test_run_folders_of_baseline2d_are_locked(tmp_path, holder):
+    import numpy as np
+    import tifffile
+
+    from lsmfm.baselines2d.config import Baseline2DConfig
+    from lsmfm.baselines2d.train import run_baseline
+    from lsmfm.config import load_config
+
+    run, proc = holder
+    label = np.zeros((32, 32), np.uint8)
+    label[4:10, 4:10] = 1
+    for i in range(3):
+        tifffile.imwrite(tmp_path / f"i{i}.tif", label * 200 + 20 + i)
+        tifffile.imwrite(tmp_path / f"i{i}_label.tif", label)
+    cfg = load_config(Baseline2DConfig, None, [f"data.train_dir={tmp_path}", "data.test_fraction=0.3",
+                                               "model.weights=", "model.size=tiny", "shots=[1]", "seeds=[0]"])
+    with pytest.raises(lock.OutputLocked, match=f"pid {proc.pid}"):
+        run_baseline(cfg, run, progress=False)
     assert not run.exists()
