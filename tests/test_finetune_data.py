@@ -129,7 +129,12 @@ def test_bad_inputs_stop_before_any_output(tmp_path: Path, capsys: pytest.Captur
     write_nifti(label, np.zeros((32, 32, 32), np.uint8))
     _fails(base + ["data.patch_size=[64,64,64]"], out, capsys,
            "is smaller than the patch size [64, 64, 64] (data.patch_size)")
-    _fails(base + ["data.patch_size=[30,32,32]"], out, capsys, "must be a multiple of 4 for this backbone")
+    _fails(base + ["data.patch_size=[30,32,32]"], out, capsys,
+           "must be divisible by 4 for unet; set data.patch_size")
+    # instance norm (the paper's SwinUNETRs) cannot normalise the one voxel a 32³ patch leaves at 1/32
+    _fails(base + ["backbone={arch: swinunetr, feature_size: 12, norm: instance}"], out, capsys,
+           "patch size [32, 32, 32] (data.patch_size) gives the network [32, 32, 32] voxels, one at its 1/32 "
+           "bottleneck")
 
 
 def test_pretrained_patch_size_must_fit_the_data(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

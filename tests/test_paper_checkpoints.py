@@ -175,3 +175,24 @@ def test_mismatching_weights_list_the_keys(tmp_path):
     assert "missing 1: model.2.1.conv.unit0.conv.bias" in msg and "unexpected" not in msg
     assert "shape mismatch 1: model.1.submodule.0.conv.unit1.conv.weight (file (8, 16, 3, 3, 3), " \
            "model (8, 8, 3, 3, 3))" in msg
+
+
+def test_instance_norm_swinunetr_needs_two_voxels_at_its_bottleneck():
+    """The paper's SwinUNETRs (instance norm) cannot run on 32³: torch refuses to normalise the one voxel
+    left at 1/32, in eval mode too. Said in one line before any work; batch norm and 32 x 32 x 64 run."""
+    from lsmfm.config import load_config
+    from lsmfm.errors import ConfigError
+    from lsmfm.training.pretrain import PretrainConfig
+
+    net = TINY_SWIN.build().eval()
+    with torch.no_grad():
+        with pytest.raises(ValueError, match=r"\(32, 32, 32\) gives the network .* one at its 1/32 bottle"):
+            net(torch.rand(1, 1, 32, 32, 32))
+        assert net(torch.rand(1, 1, 32, 32, 64)).shape == (1, 16, 32, 32, 64)
+    assert dataclasses.replace(TINY_SWIN, norm="batch").size_problem([32] * 3) is None
+    scaled = dataclasses.replace(TINY_SWIN, input_scale=0.5)
+    assert "gives the network [32, 32, 32] voxels" in scaled.size_problem([64] * 3)
+    overrides = ["model.backbone={arch: swinunetr, feature_size: 12, norm: instance}",
+                 "data.patch_size=[32,32,32]", "model.masking.block_sizes=[8]"]
+    with pytest.raises(ConfigError, match=r"data.patch_size \[32, 32, 32\] gives the network"):
+        load_config(PretrainConfig, None, overrides)

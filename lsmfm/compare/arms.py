@@ -87,8 +87,8 @@ class Volume3DArm(Arm):
         window = tuple(data.sw_size) if data.sw_size else roi
         self.geometry = Geometry(roi, window, data.sw_overlap)  # type: ignore[arg-type]
         check_channels(ctx.splits, backbone.in_channels)
-        check_fits(ctx.splits["train"], roi, backbone.input_multiple, f"{origin}, arm {self.name}")
-        check_fits([], self.geometry.window, backbone.input_multiple, "data.sw_size")
+        check_fits(ctx.splits["train"], roi, backbone, f"{origin}, arm {self.name}")
+        check_fits([], self.geometry.window, backbone, "data.sw_size")
         self.model_config = finetuned_model_config(recorded, backbone, roi, normalize,
                                                    ctx.splits["train"][0].voxel_size)
 

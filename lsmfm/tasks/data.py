@@ -14,6 +14,7 @@ import numpy as np
 
 from lsmfm.errors import ConfigError, InputError
 from lsmfm.io.volumes import read_volume
+from lsmfm.models.backbones.registry import BackboneConfig
 from lsmfm.tasks.config import DataConfig
 
 SUFFIXES = (".ome.zarr", ".ome.tiff", ".ome.tif", ".nii.gz", ".nii", ".tiff", ".tif", ".zarr")
@@ -198,11 +199,13 @@ def class_from_name(path: Path, pattern: str) -> str:
     return match.group(1)
 
 
-def check_fits(patches: list[Patch], patch_size: tuple[int, int, int], multiple: int, origin: str) -> None:
-    """Training crops of `patch_size` must fit in every training image and suit the backbone's strides."""
-    if any(s % multiple for s in patch_size):
-        raise InputError(None, f"patch size {list(patch_size)} ({origin}) must be a multiple of {multiple} "
-                               "for this backbone; set data.patch_size")
+def check_fits(patches: list[Patch], patch_size: tuple[int, int, int], backbone: BackboneConfig,
+               origin: str) -> None:
+    """Training crops of `patch_size` must fit in every training image and suit the backbone
+    (`BackboneConfig.size_problem`: its strides, SwinUNETR's instance-norm bottleneck)."""
+    problem = backbone.size_problem(patch_size)
+    if problem is not None:
+        raise InputError(None, f"patch size {list(patch_size)} ({origin}) {problem}; set data.patch_size")
     for p in patches:
         if any(s > d for s, d in zip(patch_size, p.spatial_shape)):
             raise InputError(p.path, f"image {list(p.spatial_shape)} is smaller than the patch size "

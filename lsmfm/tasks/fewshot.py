@@ -84,8 +84,8 @@ def plan_fewshot(task_name: str, cfg: FinetuneConfig) -> Plan:
     task.setup(splits["train"], splits["val"] + splits["test"])
     check_training_images(splits["train"])
     check_channels(splits, backbone_cfg.in_channels)
-    check_fits(splits["train"], roi, backbone_cfg.input_multiple, origin)
-    check_fits([], geometry.window, backbone_cfg.input_multiple, "data.sw_size")
+    check_fits(splits["train"], roi, backbone_cfg, origin)
+    check_fits([], geometry.window, backbone_cfg, "data.sw_size")
     if cfg.bn_stats == "reestimate" and pretrained is not None:
         recorded = reestimate_statistics(pretrained, splits["train"], normalize, roi)
     source = cfg.data.train_dir or f"{cfg.data.catalog} (train_ids)"

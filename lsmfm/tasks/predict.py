@@ -140,6 +140,9 @@ def check_inputs(model_dir: str | Path, model: Any, config: Any, volume: Volume,
     if problem is not None:
         raise InputError(model_dir, problem)
     roi = config.patch_size  # validated on load: three positive multiples of the backbone's size multiple
+    problem = config.backbone.size_problem(roi)
+    if problem is not None:
+        raise InputError(model_dir, f"its patch size {list(roi)} {problem}")
     if opts.block < max(roi):
         raise ConfigError(f"block {opts.block} is smaller than the model's patch size {list(roi)}; "
                           f"use --block {max(roi)} or more")

@@ -112,6 +112,9 @@ class PretrainConfig:
         if any(s % multiple for s in self.data.patch_size):
             raise ValueError(f"data.patch_size {self.data.patch_size} must be a multiple of {multiple} (the "
                              f"{self.model.backbone.arch} size multiple and the largest mask block)")
+        problem = self.model.backbone.size_problem(self.data.patch_size)
+        if problem is not None:
+            raise ValueError(f"data.patch_size {self.data.patch_size} {problem}")
 
 
 def resolve_config(config: str | Path | None, overrides: Sequence[str], out_dir: str | Path,

@@ -49,12 +49,11 @@ class Backbone(HubMixin):
         return y
 
     def check_input(self, x: torch.Tensor) -> None:
-        m = self.config.input_multiple
         if x.ndim != 5 or x.shape[1] != self.config.in_channels:
             raise ValueError(f"expected input (B, {self.config.in_channels}, D, H, W), got {tuple(x.shape)}")
-        if any(s % m for s in x.shape[2:]):
-            raise ValueError(f"{self.config.arch} needs spatial sizes divisible by {m}, got "
-                             f"{tuple(x.shape[2:])}")
+        problem = self.config.size_problem(x.shape[2:])
+        if problem is not None:
+            raise ValueError(f"input of spatial size {tuple(x.shape[2:])} {problem}")
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Global average of the dense features: one embedding per patch."""

@@ -23,7 +23,7 @@ import math
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal, Mapping, Sequence
 
 from lsmfm.errors import ConfigError
 from lsmfm.registry import Registry
@@ -80,6 +80,18 @@ class BackboneConfig:
     def size_multiple(self) -> int:
         """Every spatial input size must be a multiple of this."""
         raise NotImplementedError
+
+    def size_problem(self, size: Sequence[int]) -> str | None:
+        """Why a (z, y, x) input size does not suit the network, or None: sizes not divisible by
+        `input_multiple`, and whatever the architecture adds (`network_size_problem`)."""
+        m = self.input_multiple
+        if any(int(s) % m for s in size):
+            return f"must be divisible by {m} for {self.arch}"
+        return self.network_size_problem([round(int(s) * self.input_scale) for s in size])
+
+    def network_size_problem(self, size: Sequence[int]) -> str | None:
+        """An architecture's own limit on the size its network sees (after `input_scale`); None: none."""
+        return None
 
     def build(self) -> Any:
         """The network (an `lsmfm.models.backbones.base.Backbone`), freshly initialised."""

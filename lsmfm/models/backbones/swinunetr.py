@@ -4,9 +4,10 @@ MONAI >= 1.5 has no `img_size` argument; every spatial size must be a multiple o
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal, Mapping, Sequence
 
 import torch
 
@@ -40,6 +41,14 @@ class SwinUNETRConfig(BackboneConfig):
     @property
     def size_multiple(self) -> int:
         return 32
+
+    def network_size_problem(self, size: Sequence[int]) -> str | None:
+        """Instance norm normalises each sample over its voxels, in eval mode too, and torch refuses one
+        voxel: the 1/32 bottleneck must have two or more (e.g. 32 x 32 x 64; the paper's 64³ and 96³)."""
+        if self.norm == "instance" and math.prod(s // 32 for s in size) < 2:
+            return (f"gives the network {list(size)} voxels, one at its 1/32 bottleneck, which its instance "
+                    "norm cannot normalise: use 64 or more along at least one axis")
+        return None
 
     def build(self) -> SwinUNETRBackbone:
         return SwinUNETRBackbone(self)
