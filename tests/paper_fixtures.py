@@ -421,11 +421,68 @@ class PaperFinetuneSwinSegModule(_PaperFinetuneSeg):
         self._load_pretrained(pretrained_ckpt)
 
 
-def write_paper_finetuned_ckpt(folder: Path, pretrained: Path, arch: str = "unet") -> Path:
+class PaperFinetuneDeblurUNetModule(_PaperFinetuneSeg):
+    """The paper's `FinetuneDeblurUNetModule` (deblurring/finetune_deblurring_unet.py): its
+    hyper-parameters, a MONAI UNet with one output channel predicting a residual, the restored image
+    being clamp(blurred + residual, 0, 1), monitored by `val_total_loss` (here its L1 term)."""
+
+    def __init__(
+        self,
+        pretrained_ckpt: str,
+        lr: float = 1e-4,
+        encoder_lr_mult: float = 0.1,
+        freeze_encoder_epochs: int = 0,
+        freeze_bn_stats: bool = False,
+        weight_decay: float = 1e-5,
+        unet_channels: tuple[int, ...] = (32, 64, 128, 256, 512),
+        unet_strides: tuple[int, ...] = (2, 2, 2, 1),
+        unet_num_res_units: int = 2,
+        unet_norm: str = "BATCH",
+        edge_weight: float = 0.1,
+        highfreq_weight: float = 0.1,
+        init: str = "pretrained",
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        from monai.networks.nets import Unet
+
+        self.model = Unet(
+            spatial_dims=3,
+            in_channels=1,
+            out_channels=1,
+            channels=tuple(unet_channels),
+            strides=tuple(unet_strides),
+            num_res_units=unet_num_res_units,
+            norm=unet_norm,
+        )
+        self._load_pretrained(pretrained_ckpt)
+
+    def _loss(self, batch: dict[str, Any]) -> torch.Tensor:
+        blurred = batch["image"]
+        sharp = (blurred > 0.5).float()
+        return F.l1_loss(torch.clamp(blurred + self(blurred), 0.0, 1.0), sharp)
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss = self._loss(batch)
+        self.log("val_total_loss", loss, on_epoch=True, batch_size=2)
+        return loss
+
+
+def write_paper_finetuned_ckpt(folder: Path, pretrained: Path, arch: str = "unet", task: str = "segment"
+                               ) -> Path:
     """`finetune_<arch>_best.ckpt` of the paper's segmentation finetuning from `pretrained` (a pretraining
-    checkpoint of the same architecture)."""
+    checkpoint of the same architecture), or with `task="deblur"` its UNet deblurring finetuning's
+    `finetune_deblur_unet_best.ckpt`."""
     torch.manual_seed(0)
     model = torch.load(pretrained, map_location="cpu", weights_only=False)["hyper_parameters"]["model"]
+    if task == "deblur":
+        u = model["unet"]
+        module = PaperFinetuneDeblurUNetModule(
+            str(pretrained), unet_channels=tuple(u["channels"]), unet_strides=tuple(u["strides"]),
+            unet_num_res_units=u["num_res_units"], unet_norm=u["norm"]
+        )
+        data = PatchDataset(write_patches(folder / "patches", seed=1), 12)
+        return _fit(module, data, folder, "finetune_deblur_unet_best", "val_total_loss", 2)
     if arch == "unet":
         u = model["unet"]
         module = PaperFinetuneSegModule(

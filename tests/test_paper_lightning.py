@@ -192,6 +192,28 @@ def test_finetuned_checkpoint_predicts_what_the_paper_module_does(ckpts, tmp_pat
     assert backbone.config == config.backbone
 
 
+def test_finetuned_deblurring_checkpoint_restores_what_the_paper_module_does(ckpts, tmp_path):
+    """The paper's UNet deblurring finetuning (hyper-parameters `unet_*`, `edge_weight`): read as a deblur
+    model whose output is the blurred input plus the raw network's residual, in (x, y, z) order."""
+    from lsmfm.tasks.models import load_task_model
+
+    path = write_paper_finetuned_ckpt(tmp_path, ckpts["unet", False], task="deblur")
+    obj = trusted(path)
+    hp = obj["hyper_parameters"]
+    model, config = load_task_model(path)
+    assert (config.task["name"], config.backbone.axes, config.backbone.out_channels) == ("deblur", "xyz", 1)
+    unet = {"channels": hp["unet_channels"], "strides": hp["unet_strides"],
+            "num_res_units": hp["unet_num_res_units"], "norm": hp["unet_norm"]}
+    raw = raw_network("unet", {"model": {"embed_dim": 1, "unet": unet}},
+                      {k[len("model.") :]: v for k, v in obj["state_dict"].items()})
+    blurred_xyz = torch.rand(2, 1, 12, 8, 16, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        residual = raw(blurred_xyz)
+        assert residual.abs().max() > 1e-3  # a residual that matters
+        want = (blurred_xyz + residual).permute(0, 1, 4, 3, 2)
+        assert torch.allclose(model(blurred_xyz.permute(0, 1, 4, 3, 2)), want, atol=1e-6)
+
+
 @pytest.mark.slow
 def test_finetuned_swinunetr_checkpoint_predicts_what_the_paper_module_does(ckpts, tmp_path):
     """The paper's SwinUNETR segmentation finetuning (`model.*`, out_channels 1, feature size of its
