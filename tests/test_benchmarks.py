@@ -158,6 +158,20 @@ def check_step_json_and_readme(step_json: Path, tmp_path: Path) -> None:
     assert again.read_text() == text
 
 
+def test_readme_step_tables_are_the_committed_json(tmp_path):
+    """The README's pretraining-step tables are what `--readme` writes from the committed JSON, so the
+    docs cannot drift from the measurement."""
+    results = REPO / "benchmarks/results/pretrain_step_cpu.json"
+    readme = tmp_path / "README.md"
+    readme.write_text((REPO / "README.md").read_text())
+    subprocess.run([sys.executable, str(REPO / "benchmarks/pretrain_step.py"), "--from-json", str(results),
+                    "--readme", str(readme)], capture_output=True, text=True, check=True)
+    assert readme.read_text() == (REPO / "README.md").read_text()
+    r = json.loads(results.read_text())
+    assert {"mask_speedup_vs_paper", "step_ratio_vs_paper", "ssl_step_over_bare"} <= set(r)
+    assert all("lsmfm_before" in r[arch] for arch in r["step_ratio_vs_paper"])  # the before/after table
+
+
 def _results(folder: Path, column: str, rows: list[tuple]) -> Path:
     folder.mkdir()
     lines = [f"shots,seed,{column},dice,cldice,iou"] + [",".join(map(str, r)) for r in rows]
