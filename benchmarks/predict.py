@@ -162,9 +162,6 @@ def _row(out: Path, ranks: int, block: int, wall: float) -> dict:
 def resume_overhead(model: Path, volume: Path, out: Path, block: int, ranks: int, common: list[str]) -> dict:
     """kill -9 the run once half of its blocks are recorded, then the same command: the total wall time
     of both, and what the second run did."""
-    import os
-    import signal
-
     ledger = out.with_name(out.name + ".partial") / ".lsmfm-ledger" / "blocks"
     start = time.perf_counter()
     proc = launch_blockwise(["--measure-blockwise", str(model), str(volume), str(out), "--block", str(block),

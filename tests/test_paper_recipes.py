@@ -4,7 +4,6 @@ quoted from its files, and `lsmfm pretrain --config pretrain/paper_unet_image_te
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import pytest

@@ -27,7 +27,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
     save_model(root / "model")
-    src = write_store(root / "in.zarr", synthetic_volume(SHAPE, seed=4))
+    write_store(root / "in.zarr", synthetic_volume(SHAPE, seed=4))
     (root / "slow.py").write_text(SLOW_BLOCKS)
     return root
 
